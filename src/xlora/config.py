@@ -1,0 +1,142 @@
+"""XLoraConfig: every option of the X-LoRA gate, validated at construction, with a JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class XLoraConfigError(ValueError):
+    """A configuration value or file is invalid; the message names the field and what was expected."""
+
+
+@dataclass
+class XLoraConfig:
+    """Options of the X-LoRA classifier ("gate") and of how its scalings are applied.
+
+    Field names and defaults follow PEFT's and the original package's `XLoraConfig` so that files
+    written by either read back unchanged.
+    """
+
+    hidden_size: int | None = None  # inferred from the base model when None
+    xlora_depth: int = 1
+    xlora_size: int = 2048  # hidden width of the classifier; unused when depth == 1
+    xlora_dropout_p: float = 0.2
+    enable_relu_and_dropout: bool = True
+    use_bias: bool = True
+    layerwise_scalings: bool = False
+    enable_softmax: bool = True
+    softmax_temperature: float = 1.0
+    top_k_lora: int | None = None
+    enable_softmax_topk: bool = False
+    scaling_pass_value: float | None = 0.0  # None means 1/N
+    global_scaling_weight: float = 1.0
+    use_trainable_adapters: bool = False
+    reuse_scalings_after: int | None = None  # generation: reuse scalings after this many new tokens
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, n_experts: int | None = None) -> None:
+        """Raise XLoraConfigError naming the first invalid field; `n_experts` enables the top-k bound."""
+
+        def fail(name: str, expected: str) -> None:
+            raise XLoraConfigError(
+                f"XLoraConfig.{name}: expected {expected}, got {getattr(self, name)!r}"
+            )
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if self.hidden_size is not None and not (is_int(self.hidden_size) and self.hidden_size > 0):
+            fail("hidden_size", "a positive integer or None")
+        if not (is_int(self.xlora_depth) and self.xlora_depth >= 1):
+            fail("xlora_depth", "an integer >= 1")
+        if not (is_int(self.xlora_size) and self.xlora_size >= 1):
+            fail("xlora_size", "an integer >= 1")
+        if not (is_num(self.xlora_dropout_p) and 0.0 <= self.xlora_dropout_p < 1.0):
+            fail("xlora_dropout_p", "a number in [0, 1)")
+        for name in (
+            "enable_relu_and_dropout",
+            "use_bias",
+            "layerwise_scalings",
+            "enable_softmax",
+            "enable_softmax_topk",
+            "use_trainable_adapters",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "true or false")
+        if not (is_num(self.softmax_temperature) and self.softmax_temperature > 0):
+            fail("softmax_temperature", "a number > 0")
+        if self.top_k_lora is not None:
+            if not (is_int(self.top_k_lora) and self.top_k_lora >= 1):
+                fail("top_k_lora", "an integer >= 1 or None")
+            if n_experts is not None and self.top_k_lora > n_experts:
+                fail("top_k_lora", f"at most the number of experts ({n_experts})")
+        if self.enable_softmax_topk and self.top_k_lora is None:
+            fail("enable_softmax_topk", "false unless top_k_lora is set")
+        if self.scaling_pass_value is not None and not is_num(self.scaling_pass_value):
+            fail("scaling_pass_value", "a number or None (None means 1/number of experts)")
+        if not is_num(self.global_scaling_weight):
+            fail("global_scaling_weight", "a finite number")
+        if self.reuse_scalings_after is not None and not (
+            is_int(self.reuse_scalings_after) and self.reuse_scalings_after >= 1
+        ):
+            fail("reuse_scalings_after", "an integer >= 1 or None")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config", ignore: tuple[str, ...] = ()) -> XLoraConfig:
+        """Build from a dict; keys listed in `ignore` are dropped, any other unknown key is an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in data if k not in known and k not in ignore)
+        if unknown:
+            raise XLoraConfigError(
+                f"{source}: unknown X-LoRA config field(s) {', '.join(unknown)}; "
+                f"expected only: {', '.join(sorted(known))}"
+            )
+        values = {k: v for k, v in data.items() if k in known}
+        try:
+            return cls(**values)
+        except XLoraConfigError as e:
+            raise XLoraConfigError(f"{source}: {e}") from None
+
+    def to_json_file(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
+        """Write the config (plus `extra` fields such as expert names) atomically."""
+        data = {**self.to_dict(), **(extra or {})}
+        write_text_atomic(Path(path), json.dumps(data, indent=2) + "\n")
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike[str], ignore: tuple[str, ...] = ()) -> XLoraConfig:
+        data = read_json_object(Path(path))
+        return cls.from_dict(data, source=str(path), ignore=ignore)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """Read a JSON object from `path` with errors that name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise XLoraConfigError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise XLoraConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary sibling, then rename, so a crash never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,232 @@
+"""Read PEFT LoRA adapter directories, check them against the base model, stack them per module.
+
+We read the adapter files ourselves (config JSON + tensors) instead of going through PEFT's
+injection machinery: that keeps loading cheap, lets every expert keep its own rank, alpha and
+targets, and lets us reject what X-LoRA cannot run (DoRA, `modules_to_save`, ...) with a clear
+message before anything is built.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .config import XLoraConfigError, read_json_object
+
+ExpertSpec = Mapping[str, "str | Path"] | Iterable[tuple[str, "str | Path"]]
+
+# base_model.model.<module>.lora_A[.<adapter name>].weight
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=@ -]*$")
+
+
+class ExpertError(ValueError):
+    """An expert adapter is unusable; the message names the expert, the file and the problem."""
+
+
+@dataclass
+class LoraExpert:
+    """One PEFT LoRA adapter: per targeted module its A [r, in], B [out, r] and scale."""
+
+    name: str
+    path: Path
+    adapter_config: dict
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.weights)
+
+    def rank(self, module: str) -> int:
+        return self.weights[module][0].shape[0]
+
+
+def normalize_expert_spec(experts: ExpertSpec) -> list[tuple[str, Path]]:
+    """Turn a dict or a list of (name, path) pairs into checked (name, Path) pairs."""
+    pairs = list(experts.items()) if isinstance(experts, Mapping) else [tuple(p) for p in experts]
+    if not pairs:
+        raise ExpertError("no experts given: X-LoRA needs at least one LoRA adapter directory")
+    seen: set[str] = set()
+    out = []
+    for item in pairs:
+        if len(item) != 2:
+            raise ExpertError(f"expert entry {item!r}: expected (name, adapter directory)")
+        name, path = item
+        if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+            raise ExpertError(
+                f"expert name {name!r}: expected letters, digits and _.-+=@ (it becomes a folder name)"
+            )
+        if name in seen:
+            raise ExpertError(f"expert name {name!r} is given twice; names must be unique")
+        seen.add(name)
+        out.append((name, Path(path)))
+    return out
+
+
+def _alpha_for(module: str, cfg: dict) -> float:
+    """PEFT's per-module alpha: the first `alpha_pattern` key matching the module name's suffix."""
+    for key, alpha in (cfg.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", module):
+            return float(alpha)
+    return float(cfg.get("lora_alpha", 8))
+
+
+def _load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    if st.is_file():
+        return load_file(str(st))
+    if binf.is_file():
+        try:
+            data = torch.load(str(binf), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds here
+            raise ExpertError(f"expert {name!r}: cannot read {binf} as a tensor state dict ({e})") from None
+        if not isinstance(data, dict):
+            raise ExpertError(f"expert {name!r}: {binf} is not a state dict")
+        return data
+    raise ExpertError(
+        f"expert {name!r}: {path} has no adapter_model.safetensors or adapter_model.bin "
+        "(expected a PEFT LoRA adapter directory)"
+    )
+
+
+def read_expert(name: str, path: str | Path) -> LoraExpert:
+    """Read one PEFT LoRA adapter directory; reject what X-LoRA cannot run."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ExpertError(f"expert {name!r}: adapter directory {path} does not exist")
+    cfg_path = path / "adapter_config.json"
+    try:
+        cfg = read_json_object(cfg_path)
+    except (FileNotFoundError, XLoraConfigError) as e:
+        raise ExpertError(f"expert {name!r}: {e}") from None
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise ExpertError(f"expert {name!r}: {cfg_path} has peft_type {peft_type!r}; expected 'LORA'")
+    if cfg.get("use_dora"):
+        raise ExpertError(f"expert {name!r}: DoRA adapters (use_dora=true in {cfg_path}) are not supported")
+    if cfg.get("modules_to_save"):
+        raise ExpertError(
+            f"expert {name!r}: {cfg_path} has modules_to_save={cfg['modules_to_save']}; fully trained "
+            "modules cannot be mixed per token, retrain the expert without modules_to_save"
+        )
+    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+        raise ExpertError(f"expert {name!r}: {cfg_path} trains biases; only bias='none' LoRA is supported")
+
+    tensors = _load_tensors(path, name)
+    a_parts: dict[str, torch.Tensor] = {}
+    b_parts: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if "modules_to_save" in key:
+            raise ExpertError(f"expert {name!r}: tensor {key} belongs to modules_to_save (not supported)")
+        if "lora_magnitude_vector" in key:
+            raise ExpertError(f"expert {name!r}: tensor {key} is a DoRA magnitude (DoRA is not supported)")
+        if "lora_embedding" in key:
+            raise ExpertError(f"expert {name!r}: tensor {key} adapts an embedding; only Linear is supported")
+        m = _KEY_RE.match(key)
+        if m is None:
+            raise ExpertError(f"expert {name!r}: unexpected tensor {key} in {path} (not a LoRA A/B weight)")
+        (a_parts if m["ab"] == "A" else b_parts)[m["module"]] = value
+    if not a_parts:
+        raise ExpertError(f"expert {name!r}: {path} holds no LoRA weights")
+
+    expert = LoraExpert(name=name, path=path, adapter_config=cfg)
+    for module, a in a_parts.items():
+        b = b_parts.get(module)
+        if b is None:
+            raise ExpertError(f"expert {name!r}: module {module} has lora_A but no lora_B in {path}")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ExpertError(
+                f"expert {name!r}: module {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                "expected [r, in] and [out, r]"
+            )
+        r = a.shape[0]
+        alpha = _alpha_for(module, cfg)
+        expert.scales[module] = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        expert.weights[module] = (a, b)
+    extra_b = set(b_parts) - set(a_parts)
+    if extra_b:
+        raise ExpertError(f"expert {name!r}: module {sorted(extra_b)[0]} has lora_B but no lora_A in {path}")
+    return expert
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of an nn.Linear or a GPT-2 style Conv1D, else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "weight") and module.weight.dim() == 2:
+        return module.weight.shape[0], module.weight.shape[1]  # Conv1D stores [in, out]
+    return None
+
+
+def check_experts(base: nn.Module, experts: list[LoraExpert]) -> list[str]:
+    """Check every expert against the base model; return adapted module names in `named_modules` order."""
+    modules = dict(base.named_modules())
+    arch = getattr(getattr(base, "config", None), "model_type", None)
+    targeted: set[str] = set()
+    for expert in experts:
+        for module, (a, b) in expert.weights.items():
+            target = modules.get(module)
+            if target is None:
+                hint = f" (base model type {arch!r}; was the adapter trained on another architecture?)"
+                raise ExpertError(
+                    f"expert {expert.name!r}: target module {module} does not exist in the base model"
+                    + (hint if arch else "")
+                )
+            shape = linear_shape(target)
+            if shape is None:
+                raise ExpertError(
+                    f"expert {expert.name!r}: target module {module} is a {type(target).__name__}; "
+                    "only nn.Linear (and GPT-2 Conv1D) modules can be adapted"
+                )
+            n_in, n_out = shape
+            if a.shape[1] != n_in or b.shape[0] != n_out:
+                raise ExpertError(
+                    f"expert {expert.name!r}: module {module} expects input {n_in} and output {n_out}, "
+                    f"the adapter has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                    "(adapter made for a model with another hidden size?)"
+                )
+            targeted.add(module)
+    return [name for name, _ in base.named_modules() if name in targeted]
+
+
+@dataclass
+class StackedExperts:
+    """All experts of one module stacked along the rank axis (DESIGN.md, fused expert math)."""
+
+    lora_A: torch.Tensor  # [R, in]
+    lora_B: torch.Tensor  # [out, R]
+    row_expert: torch.Tensor  # [R] long: which expert each rank row belongs to
+    row_scale: torch.Tensor  # [R]: alpha_i / r_i (or / sqrt(r_i)) of that expert
+
+
+def stack_module(module: str, experts: list[LoraExpert], dtype: torch.dtype, device) -> StackedExperts:
+    """Stack the experts that target `module`; experts that do not target it contribute no rows."""
+    a_list, b_list, rows, scales = [], [], [], []
+    for i, expert in enumerate(experts):
+        if module not in expert.weights:
+            continue
+        a, b = expert.weights[module]
+        a_list.append(a)
+        b_list.append(b)
+        rows.append(torch.full((a.shape[0],), i, dtype=torch.long))
+        scales.append(torch.full((a.shape[0],), expert.scales[module], dtype=torch.float64))
+    return StackedExperts(
+        lora_A=torch.cat(a_list, 0).to(device=device, dtype=dtype),
+        lora_B=torch.cat(b_list, 1).to(device=device, dtype=dtype),
+        row_expert=torch.cat(rows).to(device),
+        row_scale=torch.cat(scales).to(device=device, dtype=dtype),
+    )
+
+
+def load_experts(base: nn.Module, spec: ExpertSpec) -> tuple[list[LoraExpert], list[str]]:
+    """Read and check all experts; return them and the adapted module names (the layer numbering)."""
+    experts = [read_expert(name, path) for name, path in normalize_expert_spec(spec)]
+    return experts, check_experts(base, experts)

@@ -1,0 +1,209 @@
+"""Decoding with one KV cache per pass (DESIGN.md: why two caches are exact).
+
+Prefill runs the scaling pass, the classifier and the real pass over the prompt; every step then
+feeds only the new token through the scaling pass (cache 1), the classifier, and the real pass
+(cache 2). With `reuse_scalings_after=k` the scaling pass stops after k new tokens and each
+sequence keeps its last scalings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .model import cache_kwargs
+
+if TYPE_CHECKING:
+    from .model import XLoraModel
+
+
+@dataclass
+class SamplingOptions:
+    """How to pick the next token; defaults are greedy decoding."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: expected > 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k: expected >= 1, got {self.top_k}")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty: expected > 0, got {self.repetition_penalty}")
+
+    def eos_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    def processors(self) -> LogitsProcessorList:
+        procs = LogitsProcessorList()
+        if self.repetition_penalty is not None and self.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.do_sample:
+            if self.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k is not None:
+                procs.append(TopKLogitsWarper(self.top_k))
+            if self.top_p is not None and self.top_p < 1.0:
+                procs.append(TopPLogitsWarper(self.top_p))
+        return procs
+
+
+@dataclass
+class GenerationStep:
+    """One decoding step: the new token of every sequence and what the mixture did for it."""
+
+    tokens: torch.Tensor  # [B] (pad id for sequences already finished)
+    finished: torch.Tensor  # [B] bool, True once a sequence has produced an EOS
+    scalings: torch.Tensor | None  # [B, L, N] scalings that produced this token (None: experts off)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from an attention mask, as `generate` derives them (padding clamped to 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _uncached_logits(model: XLoraModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Recompute everything over the whole sequence (what PEFT does); returns last logits `[B, V]`."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask))
+    return out.logits[:, -1, :]
+
+
+def iter_generate(
+    model: XLoraModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    options: SamplingOptions | None = None,
+    use_cache: bool = True,
+    reuse_scalings_after: int | None = None,
+) -> Iterator[GenerationStep]:
+    """Yield one GenerationStep per new token until every sequence ended or max_new_tokens."""
+    opts = options or SamplingOptions()
+    opts.validate()
+    reuse_after = reuse_scalings_after if reuse_scalings_after is not None else model.config.reuse_scalings_after
+    device = model.device
+    ids = input_ids.to(device)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
+    eos = torch.tensor(opts.eos_ids(), device=device, dtype=torch.long)
+    pad = opts.pad_token_id if opts.pad_token_id is not None else (opts.eos_ids() or [0])[0]
+    processors = opts.processors()
+    generator = None
+    if opts.do_sample and opts.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(opts.seed)
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    disabled = model._experts_disabled
+    cache_scaling = DynamicCache(config=model.base.config) if use_cache else None
+    cache_real = DynamicCache(config=model.base.config) if use_cache else None
+    step_ids, last_scalings = ids, None
+
+    with torch.no_grad():
+        for step in range(opts.max_new_tokens):
+            inputs = {"input_ids": step_ids, "attention_mask": mask}
+            pos = _positions(mask)[:, -step_ids.shape[1] :]
+            if not use_cache:
+                logits = _uncached_logits(model, ids, mask)
+                scalings = None if disabled else model.get_latest_scalings()[:, -1]
+            elif disabled:
+                out = model.base(**inputs, position_ids=pos, **cache_kwargs(model.base, cache_real))
+                logits, scalings = out.logits[:, -1, :], None
+            else:
+                if reuse_after is not None and step > reuse_after and last_scalings is not None:
+                    scalings_seq = last_scalings[:, None]  # [B, 1, L, N]
+                    cache_scaling = None  # never needed again
+                else:
+                    hidden = model.scaling_pass(cache=cache_scaling, **inputs, position_ids=pos)
+                    scalings_seq = model.predict_scalings(hidden)  # [B, T, L, N]
+                with model.apply_scalings(scalings_seq):
+                    out = model.base(
+                        **inputs, position_ids=pos, **cache_kwargs(model.base, cache_real), logits_to_keep=1
+                    )
+                logits, scalings = out.logits[:, -1, :], scalings_seq[:, -1]
+            last_scalings = scalings
+            scores = processors(ids, logits.float())
+            if opts.do_sample:
+                probs = torch.softmax(scores, dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                token = scores.argmax(dim=-1)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            if eos.numel():
+                finished = finished | torch.isin(token, eos)
+            yield GenerationStep(tokens=token, finished=finished.clone(), scalings=scalings)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            step_ids = token[:, None]
+            if bool(finished.all()):
+                break
+
+
+def generate(
+    model: XLoraModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    reuse_scalings_after: int | None = None,
+    streamer: Any = None,
+    callback: Callable[[GenerationStep], None] | None = None,
+) -> torch.Tensor:
+    """Return `[B, T_prompt + new]` token ids (finished rows padded), like `transformers` generate.
+
+    `streamer` follows transformers' streamer protocol (`put`, `end`; e.g. `TextIteratorStreamer`
+    for an iterator of text); `callback` receives every GenerationStep. `use_cache=False`
+    recomputes both passes over the whole sequence every step (slow; for checking).
+    """
+    opts = SamplingOptions(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        seed=seed,
+    )
+    new_tokens = []
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    for step in iter_generate(model, input_ids, attention_mask, opts, use_cache, reuse_scalings_after):
+        new_tokens.append(step.tokens)
+        if streamer is not None:
+            streamer.put(step.tokens.cpu())
+        if callback is not None:
+            callback(step)
+    if streamer is not None:
+        streamer.end()
+    return torch.cat([input_ids.to(model.device), torch.stack(new_tokens, dim=1)], dim=1)

@@ -1,0 +1,69 @@
+"""XLoraLinear: a base linear layer plus all experts of that module, applied in two GEMMs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .experts import StackedExperts
+
+
+class ScalingsState:
+    """Per-pass expert coefficients shared by all X-LoRA layers of one model.
+
+    `coef` is None when the expert math must be skipped (scaling pass with value 0, disabled
+    experts); otherwise it holds, for every stacked rank row of every layer, the product
+    scaling * alpha/r * global weight: `[B, T, sum_l R_l]` or a broadcastable `[sum_l R_l]`.
+    """
+
+    def __init__(self) -> None:
+        self.coef: torch.Tensor | None = None
+
+
+class XLoraLinear(nn.Module):
+    """`W x + sum_i s_i * (alpha_i / r_i) * B_i A_i x` with the experts stacked: two GEMMs for any N."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        index: int,
+        stacked: StackedExperts,
+        state: ScalingsState,
+        trainable: bool = False,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.index = index  # adapted-module number l
+        self.lora_A = nn.Parameter(stacked.lora_A, requires_grad=trainable)  # [R, in]
+        self.lora_B = nn.Parameter(stacked.lora_B, requires_grad=trainable)  # [out, R]
+        self.register_buffer("row_expert", stacked.row_expert, persistent=False)  # [R]
+        self.register_buffer("row_scale", stacked.row_scale, persistent=False)  # [R]
+        self.state = state
+        self.row_start = 0  # this layer's slice of the model-wide coefficient vector
+        self.row_end = stacked.lora_A.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        coef = self.state.coef
+        if coef is None:  # scalings known to be zero: plain base layer
+            return y
+        return y + self._delta(x, coef[..., self.row_start : self.row_end]).to(y.dtype)
+
+    def _delta(self, x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x.to(self.lora_A.dtype), self.lora_A) * coef  # [B, T, R]
+        return F.linear(h, self.lora_B)  # [B, T, out]
+
+    def forward_with_scalings(
+        self, x: torch.Tensor, scalings: torch.Tensor, global_weight: float = 1.0
+    ) -> torch.Tensor:
+        """Standalone use: `scalings` `[B, T, N]` are this module's per-expert weights."""
+        coef = scalings.index_select(-1, self.row_expert) * self.row_scale * global_weight  # [B, T, R]
+        return self.base_layer(x) + self._delta(x, coef).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, rank={self.rank}"

@@ -1,0 +1,340 @@
+"""XLoraModel: the scaling pass, the classifier and the real pass, with a KV cache per pass."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .classifier import XLoraClassifier, select_topk
+from .config import XLoraConfig, XLoraConfigError
+from .experts import ExpertSpec, LoraExpert, load_experts, stack_module
+from .layers import ScalingsState, XLoraLinear
+from .scalings_log import ScalingsLog
+
+
+def cache_kwargs(module: nn.Module, cache: Any) -> dict[str, Any]:
+    """Pass a KV cache under the name this transformers version uses (`cache`, formerly `past_key_values`)."""
+    params = inspect.signature(type(module).forward).parameters
+    name = "cache" if "cache" in params else "past_key_values"
+    return {name: cache, "use_cache": cache is not None}
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+class XLoraModel(nn.Module):
+    """A causal LM whose adapted modules mix N frozen LoRA experts with per-token learned weights.
+
+    Built with `from_experts` (new gate) or `from_pretrained` (saved gate). The base model is
+    modified in place: every targeted linear becomes an `XLoraLinear`; `unload()` undoes that.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        experts: list[LoraExpert],
+        module_names: list[str],
+        config: XLoraConfig,
+        base_model_id: str | None = None,
+    ) -> None:
+        super().__init__()
+        config = copy.deepcopy(config)
+        if config.hidden_size is None:
+            config.hidden_size = int(base.config.hidden_size)
+        elif config.hidden_size != base.config.hidden_size:
+            raise XLoraConfigError(
+                f"XLoraConfig.hidden_size: expected the base model's hidden size "
+                f"{base.config.hidden_size}, got {config.hidden_size}"
+            )
+        config.validate(n_experts=len(experts))
+        self.config = config
+        self.base = base
+        self.base_model_id = base_model_id or getattr(base.config, "_name_or_path", None) or None
+        self.expert_sources = {e.name: (e.path, e.adapter_config) for e in experts}
+        self._expert_names = [e.name for e in experts]
+        self.state = ScalingsState()
+        self.scalings_log = ScalingsLog()
+        self._latest_scalings: torch.Tensor | None = None
+        self._experts_disabled = False
+        self._expert_mask: torch.Tensor | None = None  # [N] bool, False = masked out
+
+        ref = base.get_input_embeddings().weight
+        layers: list[XLoraLinear] = []
+        gather, scales = [], []
+        offset = 0
+        for index, name in enumerate(module_names):
+            target = base.get_submodule(name)
+            w = target.weight
+            stacked = stack_module(name, experts, dtype=w.dtype, device=w.device)
+            layer = XLoraLinear(target, index, stacked, self.state, trainable=config.use_trainable_adapters)
+            layer.row_start, layer.row_end = offset, offset + layer.rank
+            offset += layer.rank
+            _set_submodule(base, name, layer)
+            layers.append(layer)
+            gather.append(index * len(experts) + stacked.row_expert.cpu())
+            scales.append(stacked.row_scale.cpu().float())
+        self.module_names = list(module_names)
+        self._layers = layers  # plain list: the layers are registered under self.base already
+        self.register_buffer("gather_index", torch.cat(gather).to(ref.device), persistent=False)  # [sum R]
+        self.register_buffer("row_scale", torch.cat(scales).to(ref.device, ref.dtype), persistent=False)
+
+        head = base.get_output_embeddings()
+        head_w = head.weight if head is not None else ref
+        self.classifier = XLoraClassifier(config, config.hidden_size, len(experts), len(layers)).to(
+            device=head_w.device, dtype=head_w.dtype
+        )
+        self._freeze()
+        self.eval()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_experts(
+        cls,
+        base: nn.Module,
+        experts: ExpertSpec,
+        config: XLoraConfig | None = None,
+        base_model_id: str | None = None,
+    ) -> XLoraModel:
+        """Wrap `base` with the PEFT LoRA adapters in `experts` ({name: dir} or [(name, dir)]) and a new gate."""
+        loaded, modules = load_experts(base, experts)
+        return cls(base, loaded, modules, config or XLoraConfig(), base_model_id=base_model_id)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: nn.Module,
+        path: str | os.PathLike[str],
+        adapters: ExpertSpec | None = None,
+    ) -> XLoraModel:
+        """Load a saved X-LoRA checkpoint onto `base`; `adapters` overrides the stored expert folders."""
+        from .io import load_checkpoint
+
+        return load_checkpoint(base, Path(path), adapters)
+
+    def save_pretrained(self, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
+        """Write config, classifier and one PEFT adapter folder per expert, atomically."""
+        from .io import save_checkpoint
+
+        return save_checkpoint(self, Path(path), overwrite=overwrite)
+
+    def _freeze(self) -> None:
+        """Base frozen, experts frozen unless `use_trainable_adapters`, classifier trainable."""
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        for layer in self._layers:
+            layer.lora_A.requires_grad_(self.config.use_trainable_adapters)
+            layer.lora_B.requires_grad_(self.config.use_trainable_adapters)
+        for p in self.classifier.parameters():
+            p.requires_grad_(True)
+
+    def unload(self) -> nn.Module:
+        """Put the original linear layers back and return the plain base model."""
+        for name, layer in zip(self.module_names, self._layers):
+            _set_submodule(self.base, name, layer.base_layer)
+        self._layers = []
+        return self.base
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self._expert_names)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self._expert_names)
+
+    @property
+    def n_layers(self) -> int:
+        """Number of adapted modules L (not transformer blocks)."""
+        return len(self._layers)
+
+    @property
+    def xlora_layers(self) -> list[XLoraLinear]:
+        return list(self._layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.gather_index.device
+
+    # ------------------------------------------------------------------ scalings
+
+    def _coef(self, scalings: torch.Tensor) -> torch.Tensor | None:
+        """Scalings `[..., L, N]` (after top-k) -> per-rank-row coefficients `[..., sum R]`."""
+        g = self.config.global_scaling_weight
+        if g == 0:
+            return None
+        coef = scalings.flatten(-2).index_select(-1, self.gather_index)
+        return coef * (self.row_scale * g).to(coef.dtype)
+
+    def _scaling_pass_coef(self) -> torch.Tensor | None:
+        """Coefficients of the scaling pass: every scaling equal to `scaling_pass_value`."""
+        value = self.config.scaling_pass_value
+        if value is None:
+            value = 1.0 / self.n_experts
+        if value == 0:
+            return None  # plain base model: skip the expert math entirely
+        s = torch.full((1, 1, self.n_layers, self.n_experts), float(value), device=self.device)
+        coef = self._coef(select_topk(s.to(self.row_scale.dtype), self.config))
+        return None if coef is None else coef[0, 0]  # [sum R], broadcast over B and T
+
+    @contextmanager
+    def _coefficients(self, coef: torch.Tensor | None) -> Iterator[None]:
+        self.state.coef = coef
+        try:
+            yield
+        finally:
+            self.state.coef = None
+
+    def predict_scalings(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Classifier over last hidden states `[B, T, H]` -> scalings `[B, T, L, N]`; recorded as latest."""
+        mask = None if self._expert_mask is None else self._expert_mask.to(hidden.device)
+        scalings = self.classifier(hidden, mask)
+        self._latest_scalings = scalings
+        self.scalings_log.add(scalings)
+        return scalings
+
+    def scaling_pass(self, cache: Any = None, **inputs: Any) -> torch.Tensor:
+        """Run the decoder with constant scalings, without gradient; return the last hidden state."""
+        with torch.no_grad(), self._coefficients(self._scaling_pass_coef()):
+            decoder = self.base.base_model
+            out = decoder(**inputs, **cache_kwargs(decoder, cache))
+        return out.last_hidden_state  # [B, T, H]
+
+    @contextmanager
+    def apply_scalings(self, scalings: torch.Tensor) -> Iterator[None]:
+        """Inside, the adapted layers use `scalings` `[B, T, L, N]` (top-k applied here)."""
+        with self._coefficients(self._coef(select_topk(scalings, self.config))):
+            yield
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Scaling pass, classifier, real pass. Returns the base model's output (logits, loss with labels)."""
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "inputs_embeds": inputs_embeds,
+        }
+        if self._experts_disabled:
+            return self.base(**inputs, labels=labels, **kwargs)
+        hidden = self.scaling_pass(**inputs)
+        scalings = self.predict_scalings(hidden)
+        kwargs.setdefault("use_cache", False)
+        with self.apply_scalings(scalings):
+            return self.base(**inputs, labels=labels, **kwargs)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        """Decode with one KV cache per pass; see `xlora.generation.generate` for the options."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------ PEFT-named scalings API
+
+    def get_latest_scalings(self) -> torch.Tensor | None:
+        """Scalings `[B, T, L, N]` of the latest classifier call (before top-k), or None."""
+        return self._latest_scalings
+
+    def enable_scalings_logging(self) -> None:
+        self.scalings_log.enabled = True
+
+    def disable_scalings_logging(self) -> None:
+        """Stop logging without clearing the log."""
+        self.scalings_log.enabled = False
+
+    def clear_scalings_log(self) -> None:
+        self.scalings_log.entries.clear()
+
+    def get_scalings_log(self) -> list[torch.Tensor]:
+        """A copy of the list of logged scalings, each `[B, T, L, N]`."""
+        return list(self.scalings_log.entries)
+
+    def get_bucketed_scalings_log(self) -> dict[int, tuple[list[int], list[torch.Tensor]]]:
+        return self.scalings_log.bucketed()
+
+    def flush_log_scalings(self, path: str | os.PathLike[str]) -> Path:
+        """Write the log to `<path>.npz` + `<path>-mapping.json` and clear it."""
+        return self.scalings_log.flush(path, self.expert_names, self.module_names)
+
+    def set_topk_lora(self, value: int | None) -> None:
+        old = self.config.top_k_lora
+        self.config.top_k_lora = value
+        try:
+            self.config.validate(self.n_experts)
+        except XLoraConfigError:
+            self.config.top_k_lora = old
+            raise
+
+    def set_global_scaling_weight(self, weight: float) -> None:
+        self.config.global_scaling_weight = float(weight)
+
+    def get_global_scaling_weight(self) -> float:
+        return self.config.global_scaling_weight
+
+    def set_scaling_pass_value(self, value: float | None) -> None:
+        """Constant scalings of the scaling pass; None means 1/N."""
+        self.config.scaling_pass_value = value
+        self.config.validate(self.n_experts)
+
+    @contextmanager
+    def disable_experts(self) -> Iterator[None]:
+        """Inside, the model is the plain base model (no scaling pass, no expert math)."""
+        previous = self._experts_disabled
+        self._experts_disabled = True
+        try:
+            yield
+        finally:
+            self._experts_disabled = previous
+
+    def mask_experts(self, names: Sequence[str] | None) -> _MaskHandle:
+        """Drop experts at inference: their scalings become 0 and the softmax renormalises over the rest.
+
+        Stays in effect until `mask_experts(None)`, or use it as a context manager. The scaling
+        pass is not affected (it is the constant pass the classifier was trained on).
+        """
+        previous = self._expert_mask
+        if not names:
+            self._expert_mask = None
+            return _MaskHandle(self, previous)
+        unknown = [n for n in names if n not in self._expert_names]
+        if unknown:
+            raise ValueError(f"mask_experts: unknown expert(s) {unknown}; experts are {self._expert_names}")
+        keep = torch.tensor([n not in names for n in self._expert_names], dtype=torch.bool)
+        if not keep.any():
+            raise ValueError("mask_experts: cannot mask every expert (use disable_experts() instead)")
+        self._expert_mask = keep
+        return _MaskHandle(self, previous)
+
+
+class _MaskHandle:
+    """Returned by `mask_experts`; as a context manager it restores the previous mask on exit."""
+
+    def __init__(self, model: XLoraModel, previous: torch.Tensor | None) -> None:
+        self.model, self.previous = model, previous
+
+    def __enter__(self) -> XLoraModel:
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        self.model._expert_mask = self.previous

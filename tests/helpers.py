@@ -1,0 +1,71 @@
+"""Tiny local models and PEFT adapters for the tests (nothing is fetched from a hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_base(path: Path, seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 128) -> Path:
+    """Save a tiny random Llama to `path` and return it."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def load_base(path: Path) -> LlamaForCausalLM:
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.config.use_cache = False
+    return model.eval()
+
+
+def make_adapter(
+    base_dir: Path,
+    out: Path,
+    r: int,
+    alpha: float,
+    targets: list[str],
+    seed: int,
+    rslora: bool = False,
+    **extra,
+) -> Path:
+    """A PEFT LoRA adapter with random (non-zero) A and B, saved to `out`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets,
+        init_lora_weights=False,
+        use_rslora=rslora,
+        task_type="CAUSAL_LM",
+        **extra,
+    )
+    model = get_peft_model(load_base(base_dir), cfg)
+    model.save_pretrained(out)
+    return out
+
+
+def make_experts(tmp: Path, base_dir: Path) -> dict[str, Path]:
+    """Three experts with different ranks, alphas, targets (one rsLoRA)."""
+    return {
+        "chem": make_adapter(base_dir, tmp / "chem", 4, 8, ["q_proj", "v_proj", "down_proj"], seed=1),
+        "prot": make_adapter(base_dir, tmp / "prot", 8, 4, ["q_proj", "k_proj", "o_proj", "up_proj"], seed=2),
+        "cot": make_adapter(base_dir, tmp / "cot", 2, 16, ALL_TARGETS, seed=3, rslora=True),
+    }
