@@ -1,0 +1,38 @@
+"""Shared fixtures: one tiny Llama and three PEFT experts per test session, built locally."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import make_base, make_experts  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """(base model dir, {expert name: adapter dir}) with different ranks, alphas and targets."""
+    root = tmp_path_factory.mktemp("tiny")
+    base_dir = make_base(root / "base")
+    return base_dir, make_experts(root, base_dir)
+
+
+@pytest.fixture
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """A left-padded batch of 3 sequences (lengths 12, 9, 5) over vocab 128."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 128, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :7] = 0
+    ids[mask == 0] = 0
+    return ids, mask
