@@ -46,9 +46,7 @@ class XLoraConfig:
         """Raise XLoraConfigError naming the first invalid field; `n_experts` enables the top-k bound."""
 
         def fail(name: str, expected: str) -> None:
-            raise XLoraConfigError(
-                f"XLoraConfig.{name}: expected {expected}, got {getattr(self, name)!r}"
-            )
+            raise XLoraConfigError(f"XLoraConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
 
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)

@@ -61,9 +61,7 @@ def normalize_expert_spec(experts: ExpertSpec) -> list[tuple[str, Path]]:
             raise ExpertError(f"expert entry {item!r}: expected (name, adapter directory)")
         name, path = item
         if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
-            raise ExpertError(
-                f"expert name {name!r}: expected letters, digits and _.-+=@ (it becomes a folder name)"
-            )
+            raise ExpertError(f"expert name {name!r}: expected letters, digits and _.-+=@ (it becomes a folder name)")
         if name in seen:
             raise ExpertError(f"expert name {name!r} is given twice; names must be unique")
         seen.add(name)

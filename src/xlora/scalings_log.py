@@ -43,9 +43,7 @@ class ScalingsLog:
         for seq_len, (positions, tensors) in self.bucketed().items():
             key = f"seq_len_{seq_len}"
             arrays[key] = torch.cat(tensors, 0).numpy()  # [sum B, T, L, N]
-            mapping[key] = [
-                {"log_index": p, "batch_size": int(t.shape[0])} for p, t in zip(positions, tensors)
-            ]
+            mapping[key] = [{"log_index": p, "batch_size": int(t.shape[0])} for p, t in zip(positions, tensors)]
         npz_path = base.with_name(base.name + ".npz")
         tmp = base.with_name(f".{base.name}.tmp-{os.getpid()}.npz")
         np.savez(tmp, **arrays)

@@ -1,0 +1,155 @@
+"""The `xlora` command line: a thin typer layer over the library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="X-LoRA: a mixture of LoRA experts.")
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code=2)
+
+
+def parse_experts(items: list[str]) -> list[tuple[str, Path]]:
+    """`NAME=DIR` strings -> (name, path) pairs (duplicates are reported by the library)."""
+    pairs = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--experts {item!r}: expected NAME=DIR")
+        pairs.append((name.strip(), Path(path.strip())))
+    return pairs
+
+
+def pick_device(device: str | None) -> str:
+    import torch
+
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def summarize_weights(names: list[str], steps: list) -> str:
+    """One line: each expert's mean weight over generated tokens and adapted layers."""
+    import torch
+
+    rows = [s.scalings[0] for s in steps if s.scalings is not None]  # each [L, N]
+    if not rows:
+        return "expert weights: (experts disabled)"
+    mean = torch.stack(rows).float().mean(dim=(0, 1))  # [N]
+    return "expert weights: " + ", ".join(f"{n}={w:.3f}" for n, w in zip(names, mean.tolist()))
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt (user message).")],
+    experts: Annotated[list[str] | None, typer.Option("--experts", "-e", help="NAME=DIR, repeatable.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="A saved X-LoRA checkpoint directory.")] = None,
+    base: Annotated[str, typer.Option(help="'default' (embedded SmolLM2) or a local HF model dir.")] = "default",
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    temperature: Annotated[float, typer.Option(help="0 means greedy.")] = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    reuse_scalings_after: int | None = None,
+    chat: Annotated[bool, typer.Option(help="Apply the tokenizer's chat template.")] = True,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present).")] = None,
+) -> None:
+    """Generate text, streaming tokens, then print each expert's mean weight."""
+    from transformers import TextStreamer
+
+    from .base_models import load_base
+    from .config import XLoraConfig
+    from .model import XLoraModel
+
+    if experts and checkpoint:
+        _fail("give either --experts or --checkpoint, not both")
+    try:
+        model_base, tokenizer = load_base(base, device=pick_device(device))
+        pairs = parse_experts(experts or [])
+        if checkpoint is not None:
+            model = XLoraModel.from_pretrained(model_base, checkpoint)
+        elif pairs:
+            model = XLoraModel.from_experts(model_base, pairs, XLoraConfig())
+            err.print("[yellow]note:[/yellow] new, untrained gate: expert weights are arbitrary")
+        else:
+            model = None
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+        return
+    if chat and tokenizer.chat_template:
+        enc = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    else:
+        enc = tokenizer(prompt, return_tensors="pt")
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    options = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
+    )
+    if model is None:
+        model_base.generate(  # no experts: the plain base model
+            **enc.to(model_base.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=top_p,
+            top_k=top_k,
+            streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+        return
+    steps: list = []
+    model.generate(
+        enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        reuse_scalings_after=reuse_scalings_after,
+        callback=steps.append,
+        **options,
+    )
+    out.print(summarize_weights(model.expert_names, steps))
+
+
+@app.command()
+def info(path: Annotated[Path, typer.Argument(help="An X-LoRA checkpoint or a PEFT LoRA adapter directory.")]):
+    """Show the experts (ranks, alphas, targets) and the gate configuration of a checkpoint."""
+    from .summary import describe
+
+    try:
+        config, experts = describe(path)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+        return
+    table = Table(title=f"experts in {path}")
+    for col in ("expert", "rank", "alpha", "rsLoRA", "modules", "targets"):
+        table.add_column(col)
+    for e in experts:
+        table.add_row(e["name"], e["rank"], e["alpha"], e["rslora"], str(e["modules"]), e["targets"])
+    out.print(table)
+    if config is not None:
+        out.print("config: " + ", ".join(f"{k}={v}" for k, v in config.items()))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Two-KV-cache decoding is exact, and the sampling / stopping / streaming options behave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import load_base
+
+from xlora import XLoraConfig, XLoraModel
+from xlora.generation import _positions
+
+
+@pytest.fixture
+def model(tiny) -> XLoraModel:
+    base_dir, experts = tiny
+    m = XLoraModel.from_experts(
+        load_base(base_dir), experts, XLoraConfig(xlora_depth=2, xlora_size=32, layerwise_scalings=True)
+    )
+    torch.manual_seed(11)
+    with torch.no_grad():
+        for p in m.classifier.parameters():
+            p.normal_(0, 0.5)
+    return m
+
+
+def test_cached_equals_uncached_64_tokens_left_padded(model, padded_batch):
+    ids, mask = padded_batch
+    cached = model.generate(ids, attention_mask=mask, max_new_tokens=64)
+    uncached = model.generate(ids, attention_mask=mask, max_new_tokens=64, use_cache=False)
+    assert cached.shape == (3, 12 + 64)
+    assert torch.equal(cached, uncached)
+
+
+def test_cached_logits_match_full_recompute(model, padded_batch):
+    """Step logits from the cached loop equal a full forward over the finished sequence."""
+    ids, mask = padded_batch
+    seq = model.generate(ids, attention_mask=mask, max_new_tokens=8)
+    full_mask = torch.cat([mask, torch.ones(3, 8, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        full = model(input_ids=seq, attention_mask=full_mask, position_ids=_positions(full_mask)).logits
+    assert torch.equal(full[:, 11:-1].argmax(-1), seq[:, 12:])
+
+
+def reuse_reference(model: XLoraModel, ids, mask, k: int, n_new: int) -> torch.Tensor:
+    """Independent slow reference for reuse_scalings_after=k: full recompute with the scalings of
+    every position after the k-th new token replaced by those of the k-th new token's position."""
+    seq, m = ids, mask
+    for step in range(n_new):
+        pos = _positions(m)
+        with torch.no_grad():
+            hidden = model.scaling_pass(input_ids=seq, attention_mask=m, position_ids=pos)
+            s = model.classifier(hidden)  # [B, T, L, N]
+            frozen = ids.shape[1] + k - 1  # position that predicted... fed the k-th new token
+            if seq.shape[1] > frozen + 1:
+                s = s.clone()
+                s[:, frozen + 1 :] = s[:, frozen : frozen + 1]
+            with model.apply_scalings(s):
+                logits = model.base(input_ids=seq, attention_mask=m, position_ids=pos).logits[:, -1]
+        tok = logits.argmax(-1)
+        seq = torch.cat([seq, tok[:, None]], 1)
+        m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+    return seq
+
+
+def test_reuse_scalings_after_matches_reference(model, padded_batch):
+    ids, mask = padded_batch
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=16, reuse_scalings_after=4)
+    assert torch.equal(got, reuse_reference(model, ids, mask, k=4, n_new=16))
+    # and it really reuses: per-sequence scalings frozen after 4 new tokens, different across the batch
+    steps = []
+    model.generate(ids, attention_mask=mask, max_new_tokens=10, reuse_scalings_after=4, callback=steps.append)
+    for st in steps[5:]:
+        assert torch.equal(st.scalings, steps[4].scalings)
+    assert not torch.equal(steps[4].scalings[0], steps[4].scalings[1])
+    assert not torch.equal(steps[3].scalings, steps[4].scalings)
+
+
+def test_config_reuse_default(tiny, padded_batch):
+    base_dir, experts = tiny
+    cfg = XLoraConfig(reuse_scalings_after=2)
+    m = XLoraModel.from_experts(load_base(base_dir), experts, cfg)
+    ids, mask = padded_batch
+    steps = []
+    m.generate(ids, attention_mask=mask, max_new_tokens=6, callback=steps.append)
+    assert torch.equal(steps[3].scalings, steps[5].scalings)
+
+
+def test_sampling_is_seeded_and_topk1_is_greedy(model, padded_batch):
+    ids, mask = padded_batch
+    a = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=1.5, top_p=0.9, seed=5)
+    b = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=1.5, top_p=0.9, seed=5)
+    c = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=1.5, top_p=0.9, seed=6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=12)
+    top1 = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=1, seed=1)
+    assert torch.equal(greedy, top1)
+
+
+def test_repetition_penalty_changes_output(model, padded_batch):
+    ids, mask = padded_batch
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=24)
+    penal = model.generate(ids, attention_mask=mask, max_new_tokens=24, repetition_penalty=5.0)
+    assert not torch.equal(plain, penal)
+
+
+def test_eos_stops_and_pads(model, padded_batch):
+    ids, mask = padded_batch
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=10)
+    eos = int(free[0, 12 + 2])  # the third token row 0 produces
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[eos, 999], pad_token_id=1)
+    row0 = out[0, 12:].tolist()
+    cut = row0.index(eos)
+    assert all(t == 1 for t in row0[cut + 1 :])
+    # a batch where every row finishes stops early
+    single = model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=10, eos_token_id=eos)
+    assert single.shape[1] == 12 + cut + 1
+
+
+def test_streamer_receives_every_token(model, padded_batch):
+    ids, mask = padded_batch
+
+    class Collect:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value)
+
+        def end(self):
+            self.ended = True
+
+    s = Collect()
+    out = model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=5, streamer=s)
+    assert s.ended and torch.equal(s.chunks[0], ids[:1])
+    assert [int(c) for c in s.chunks[1:]] == out[0, 12:].tolist()
+
+
+def test_disabled_generation_is_base(model, padded_batch):
+    ids, mask = padded_batch
+    with model.disable_experts():
+        ours = model.generate(ids, attention_mask=mask, max_new_tokens=8)
+    base = model.unload()
+    ref = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, ref)
