@@ -90,9 +90,12 @@ def load_classifier_state(path: Path) -> dict[str, torch.Tensor]:
 def fill_classifier(model: XLoraModel, state: dict[str, torch.Tensor], source: Path) -> None:
     """Copy `state` into the classifier; any missing, extra or mis-shaped tensor is an error."""
     clf = model.classifier
+    original_names = any(k.startswith(("inner.", "last.")) for k in state)
     state = from_original_keys(state, model.config, clf.layers)
     expected = clf.state_dict()
     missing = sorted(set(expected) - set(state))
+    if original_names:  # report in the file's own naming
+        missing = sorted(to_original_keys(dict.fromkeys(missing), model.config, clf.layers))
     unexpected = sorted(set(state) - set(expected))
     if missing:
         raise CheckpointError(
