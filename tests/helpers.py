@@ -73,3 +73,18 @@ def make_experts(tmp: Path, base_dir: Path) -> dict[str, Path]:
         "prot": make_adapter(base_dir, tmp / "prot", 8, 4, ["q_proj", "k_proj", "o_proj", "up_proj"], seed=2),
         "cot": make_adapter(base_dir, tmp / "cot", 2, 16, ALL_TARGETS, seed=3, rslora=True),
     }
+
+
+def add_tiny_tokenizer(model_dir: Path, vocab: int = 128) -> None:
+    """Save a word-level tokenizer (words w0..w124, a chat template) next to a tiny model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(vocab - 3)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w1{% endif %}"
+    )
+    fast.save_pretrained(model_dir)

@@ -45,7 +45,7 @@ def reuse_reference(model: XLoraModel, ids, mask, k: int, n_new: int) -> torch.T
     """Independent slow reference for reuse_scalings_after=k: full recompute with the scalings of
     every position after the k-th new token replaced by those of the k-th new token's position."""
     seq, m = ids, mask
-    for step in range(n_new):
+    for _ in range(n_new):
         pos = _positions(m)
         with torch.no_grad():
             hidden = model.scaling_pass(input_ids=seq, attention_mask=m, position_ids=pos)

@@ -1,0 +1,117 @@
+"""Inference speed of our X-LoRA against the plain base model and PEFT's XLoraModel.
+
+    python benchmarks/inference.py [--runs 5] [--skip-peft-long]
+
+Tiny Llama (hidden 512, 8 layers, vocab 32000), 8 experts of rank 16 on q,k,v,o,gate,up,down,
+depth-2 layerwise classifier, fp32, 2 threads; every figure is the median of >= 5 runs, measured
+side by side in one process. Prints a markdown table (copied into the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import load, make_experts, median_time, tiny_llama  # noqa: E402
+
+from xlora import XLoraConfig, XLoraModel  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    root = Path(tempfile.mkdtemp(prefix="xlora-bench-"))
+    base_dir = tiny_llama(root / "base")
+    experts = make_experts(base_dir, root)
+    cfg = XLoraConfig(xlora_depth=2, layerwise_scalings=True)
+
+    base = load(base_dir)
+    ours = XLoraModel.from_experts(load(base_dir), experts, cfg)
+
+    from peft import XLoraConfig as PeftXLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftXLoraConfig(
+        task_type="CAUSAL_LM",
+        hidden_size=512,
+        xlora_depth=2,
+        layerwise_scalings=True,
+        adapters={str(i): str(p) for i, p in enumerate(experts.values())},
+    )
+    peft_model = get_peft_model(load(base_dir), peft_cfg).eval()
+    ours.classifier.load_state_dict(peft_model.base_model.internal_xlora_classifier.state_dict())
+
+    g = torch.Generator().manual_seed(0)
+    long_ids = torch.randint(3, 32000, (1, 256), generator=g)
+    prompt = torch.randint(3, 32000, (1, 32), generator=g)
+
+    def gen_base(n):
+        return base.generate(
+            input_ids=prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0
+        )
+
+    def gen_ours(n, reuse=None):
+        return ours.generate(prompt, max_new_tokens=n, reuse_scalings_after=reuse)
+
+    def gen_peft(n):
+        return peft_model.generate(
+            input_ids=prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        )
+
+    # correctness first: ours and PEFT agree on the greedy tokens
+    same = torch.equal(gen_ours(64), gen_peft(64))
+
+    with torch.no_grad():
+        t_base_prefill = median_time(lambda: base(input_ids=long_ids), args.runs)
+        t_ours_prefill = median_time(lambda: ours(input_ids=long_ids), args.runs)
+        t_peft_prefill = median_time(lambda: peft_model(input_ids=long_ids), args.runs)
+    t_base_64 = median_time(lambda: gen_base(64), args.runs)
+    t_ours_64 = median_time(lambda: gen_ours(64), args.runs)
+    t_reuse_64 = median_time(lambda: gen_ours(64, reuse=4), args.runs)
+    t_peft_64 = median_time(lambda: gen_peft(64), args.runs, warmup=0)
+    t_base_256 = median_time(lambda: gen_base(256), args.runs)
+    t_ours_256 = median_time(lambda: gen_ours(256), args.runs)
+
+    rows = [
+        ("prefill 1x256", t_base_prefill, t_ours_prefill, t_peft_prefill),
+        ("greedy 32 + 64 new", t_base_64, t_ours_64, t_peft_64),
+        ("greedy 32 + 64 new, reuse_scalings_after=4", t_base_64, t_reuse_64, None),
+        ("greedy 32 + 256 new", t_base_256, t_ours_256, None),
+    ]
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, median of {args.runs} runs; "
+        f"greedy tokens ours == PEFT: {same}\n"
+    )
+    print("| workload | base (ms) | ours (ms) | PEFT (ms) | ours / base | PEFT / base | PEFT / ours |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, tb, to, tp in rows:
+        peft_cols = (
+            (f"{tp * 1e3:.0f} | - | -" if tp is None else f"{tp * 1e3:.0f} | {tp / tb:.2f} | {tp / to:.1f}")
+            if tp
+            else "- | - | -"
+        )
+        print(
+            f"| {name} | {tb * 1e3:.0f} | {to * 1e3:.0f} | {peft_cols.split(' | ')[0]} | {to / tb:.2f} | "
+            + " | ".join(peft_cols.split(" | ")[1:])
+            + " |"
+        )
+    per_tok_64 = (t_ours_64 - t_ours_prefill * 32 / 256) / 64
+    per_tok_256 = (t_ours_256 - t_ours_prefill * 32 / 256) / 256
+    print(
+        f"\nour time per new token: {per_tok_64 * 1e3:.2f} ms over 64 tokens, {per_tok_256 * 1e3:.2f} ms over 256 "
+        "(flat = linear total cost)"
+    )
+    print("\ngoals: prefill ours/base <= 2.5; greedy ours/base <= 2.6; PEFT/ours >= 18; reuse/base <= 1.5")
+
+
+if __name__ == "__main__":
+    main()
