@@ -80,19 +80,19 @@ def test_overwrite_and_atomicity(model, tmp_path):
     (tmp_path / "gone").mkdir()
     import xlora.io as io
 
-    original = io._write_expert
+    original = io.write_expert_from_model
 
     def boom(m, i, dest):
         if i == 2:
             raise OSError("disk full")
         original(m, i, dest)
 
-    io._write_expert = boom
+    io.write_expert_from_model = boom
     try:
         with pytest.raises(OSError, match="disk full"):
             model.save_pretrained(tmp_path / "new")
     finally:
-        io._write_expert = original
+        io.write_expert_from_model = original
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "gone"]
 
 

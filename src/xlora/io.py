@@ -1,19 +1,24 @@
-"""Native checkpoints: the original package's layout, written atomically, read back bit-exactly.
+"""Checkpoints: the native layout (the original package's), shared helpers, and format dispatch.
+
+Native layout (also the original `xlora` package's and `lamm-mit/x-lora`'s):
 
     my-xlora/
       xlora_config.json              XLoraConfig fields + "adapters" (names in order) + "base_model_id"
       xlora_classifier.safetensors   the original's key names: inner.{i}.weight|bias, last.weight|bias
       <expert name>/                 one self-contained PEFT LoRA adapter folder per expert
 
-In memory the classifier keeps PEFT's `layers.{i}` keys; the mapping happens here.
+In memory the classifier keeps PEFT's `layers.{i}` keys; the mapping happens here. The PEFT X-LoRA
+directory format lives in `peft_format.py`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .classifier import build_layers
 from .config import XLoraConfig, XLoraConfigError, read_json_object
 from .experts import ExpertError, ExpertSpec, load_experts, normalize_expert_spec
 
@@ -30,7 +36,7 @@ if TYPE_CHECKING:
 CONFIG_NAME = "xlora_config.json"
 CLASSIFIER_NAME = "xlora_classifier.safetensors"
 CLASSIFIER_PT_NAME = "xlora_classifier.pt"
-# Fields that checkpoint files carry besides XLoraConfig's own (ours and the original package's).
+# Fields that native config files carry besides XLoraConfig's own (ours and the original package's).
 EXTRA_FIELDS = ("adapters", "base_model_id", "device", "model_type", "xlora_format")
 
 
@@ -38,16 +44,40 @@ class CheckpointError(ValueError):
     """A checkpoint directory is unusable; the message names the file and what was expected."""
 
 
-def _linear_indices(classifier_layers: nn.Sequential) -> list[int]:
-    return [i for i, m in enumerate(classifier_layers) if isinstance(m, nn.Linear)]
+@dataclass
+class CheckpointContents:
+    """Everything a checkpoint holds, independent of its on-disk layout."""
+
+    config: XLoraConfig
+    names: list[str]
+    classifier: dict[str, torch.Tensor]  # PEFT layout: layers.{i}.weight|bias
+    base_model_id: str | None
+    write_expert: Callable[[int, Path], None]  # writes expert i as a PEFT adapter folder at the path
 
 
-def to_original_keys(state: dict[str, torch.Tensor], config: XLoraConfig, layers: nn.Sequential) -> dict:
-    """PEFT `layers.{i}` keys -> the original package's `inner.{j}` / `last` keys."""
-    linear = _linear_indices(layers)
-    step = 3 if config.enable_relu_and_dropout else 1  # the original always adds ReLU + Dropout
+# ---------------------------------------------------------------------- classifier keys
+
+
+def linear_positions(config: XLoraConfig) -> list[int]:
+    """Indices of the Linear modules in PEFT's classifier `Sequential` for this config."""
+    per_block = 1
+    if config.enable_relu_and_dropout:
+        per_block += 1 + (config.xlora_dropout_p > 0)
+    return [k * per_block for k in range(config.xlora_depth - 1)] + [(config.xlora_depth - 1) * per_block]
+
+
+def _original_names(config: XLoraConfig) -> dict[int, str]:
+    """PEFT Sequential index -> the original package's module name (it always adds ReLU + Dropout)."""
+    linear = linear_positions(config)
+    step = 3 if config.enable_relu_and_dropout else 1
     names = {idx: f"inner.{k * step}" for k, idx in enumerate(linear[:-1])}
     names[linear[-1]] = "last"
+    return names
+
+
+def to_original_keys(state: dict[str, torch.Tensor], config: XLoraConfig) -> dict:
+    """PEFT `layers.{i}.param` keys -> the original package's `inner.{j}.param` / `last.param`."""
+    names = _original_names(config)
     out = {}
     for key, value in state.items():
         idx, _, param = key.removeprefix("layers.").partition(".")
@@ -55,27 +85,63 @@ def to_original_keys(state: dict[str, torch.Tensor], config: XLoraConfig, layers
     return out
 
 
-def from_original_keys(state: dict[str, torch.Tensor], config: XLoraConfig, layers: nn.Sequential) -> dict:
-    """Accept PEFT (`layers.{i}`, optionally prefixed) or original (`inner.{j}`, `last`) keys."""
-    linear = _linear_indices(layers)
-    step = 3 if config.enable_relu_and_dropout else 1
-    names = {f"inner.{k * step}": idx for k, idx in enumerate(linear[:-1])}
-    names["last"] = linear[-1]
+def from_original_keys(state: dict[str, torch.Tensor], config: XLoraConfig) -> dict:
+    """Normalise to PEFT keys; accepts `layers.{i}` (optionally with PEFT's prefix) or `inner.{j}`/`last`."""
+    names = {v: k for k, v in _original_names(config).items()}
     out = {}
     for key, value in state.items():
         key = key.split("internal_xlora_classifier.")[-1]
         module, _, param = key.rpartition(".")
-        if module.startswith("layers."):
-            out[key] = value
-        elif module in names:
-            out[f"layers.{names[module]}.{param}"] = value
-        else:
-            out[key] = value  # reported as unexpected by the caller
+        out[f"layers.{names[module]}.{param}" if module in names else key] = value
     return out
 
 
+def expected_classifier_shapes(config: XLoraConfig, n_experts: int, n_layers: int) -> dict[str, tuple]:
+    n_out = n_experts * n_layers if config.layerwise_scalings else n_experts
+    with torch.device("meta"):
+        layers = build_layers(config, config.hidden_size, n_out)
+    return {f"layers.{k}": tuple(v.shape) for k, v in layers.state_dict().items()}
+
+
+def check_classifier(
+    state: dict[str, torch.Tensor],
+    config: XLoraConfig,
+    n_experts: int,
+    n_layers: int,
+    source: Path,
+    missing_hint: str = "",
+) -> dict[str, torch.Tensor]:
+    """Normalise keys and check every tensor against the config; return the PEFT-keyed state."""
+    original_names = any(k.startswith(("inner.", "last.")) for k in state)
+    state = from_original_keys(state, config)
+    expected = expected_classifier_shapes(config, n_experts, n_layers)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        if original_names:  # report in the file's own naming
+            missing = sorted(to_original_keys(dict.fromkeys(missing), config))
+        raise CheckpointError(
+            f"{source}: classifier weights missing ({', '.join(missing)}); refusing to run with random weights"
+            + (f". {missing_hint}" if missing_hint else "")
+        )
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: unexpected classifier tensors {', '.join(unexpected)} for xlora_depth="
+            f"{config.xlora_depth}, enable_relu_and_dropout={config.enable_relu_and_dropout}, "
+            f"use_bias={config.use_bias}"
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != expected[key]:
+            raise CheckpointError(
+                f"{source}: classifier tensor {key} has shape {tuple(value.shape)}, expected "
+                f"{expected[key]} for {n_experts} experts, {n_layers} adapted modules and hidden size "
+                f"{config.hidden_size}"
+            )
+    return state
+
+
 def load_classifier_state(path: Path) -> dict[str, torch.Tensor]:
-    """Read classifier tensors from `.safetensors` or a `.pt` state dict (weights only)."""
+    """Read classifier tensors from `.safetensors` or a `.pt`/`.bin` state dict (weights only)."""
     if path.suffix == ".safetensors":
         return load_file(str(path))
     try:
@@ -87,42 +153,54 @@ def load_classifier_state(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
-def fill_classifier(model: XLoraModel, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy `state` into the classifier; any missing, extra or mis-shaped tensor is an error."""
-    clf = model.classifier
-    original_names = any(k.startswith(("inner.", "last.")) for k in state)
-    state = from_original_keys(state, model.config, clf.layers)
-    expected = clf.state_dict()
-    missing = sorted(set(expected) - set(state))
-    if original_names:  # report in the file's own naming
-        missing = sorted(to_original_keys(dict.fromkeys(missing), model.config, clf.layers))
-    unexpected = sorted(set(state) - set(expected))
-    if missing:
-        raise CheckpointError(
-            f"{source}: classifier weights missing ({', '.join(missing)}); refusing to run with random weights"
-        )
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected classifier tensors {', '.join(unexpected)}")
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{source}: classifier tensor {key} has shape {tuple(value.shape)}, expected "
-                f"{tuple(expected[key].shape)} for {model.n_experts} experts, {model.n_layers} adapted "
-                f"modules and hidden size {model.config.hidden_size}"
-            )
-    clf.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+# ---------------------------------------------------------------------- writing
 
 
-def _write_expert(model: XLoraModel, index: int, dest: Path) -> None:
+@contextmanager
+def atomic_directory(path: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `path`, on failure it vanishes."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path}: exists and is not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")
+
+
+def copy_adapter_folder(src: Path, dest: Path) -> None:
+    """Copy a PEFT adapter folder's files (config, weights, README)."""
+    dest.mkdir(parents=True)
+    for fname in ADAPTER_FILES:
+        if (src / fname).is_file():
+            shutil.copy2(src / fname, dest / fname)
+
+
+def write_expert_from_model(model: XLoraModel, index: int, dest: Path) -> None:
     """Write expert `index` as a PEFT adapter folder: copy its files, or its trained weights."""
+    import json
+
     name = model.expert_names[index]
     src, adapter_config = model.expert_sources[name]
-    dest.mkdir(parents=True)
     if not model.config.use_trainable_adapters:
-        for fname in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"):
-            if (src / fname).is_file():
-                shutil.copy2(src / fname, dest / fname)
+        copy_adapter_folder(src, dest)
         return
+    dest.mkdir(parents=True)
     tensors = {}
     for module, layer in zip(model.module_names, model.xlora_layers):
         rows = (layer.row_expert == index).nonzero().squeeze(1)
@@ -134,36 +212,56 @@ def _write_expert(model: XLoraModel, index: int, dest: Path) -> None:
     save_file(tensors, str(dest / "adapter_model.safetensors"))
 
 
-def save_checkpoint(model: XLoraModel, path: Path, overwrite: bool = True) -> Path:
-    """Write the checkpoint into a temporary sibling directory, then swap it into place."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{path}: exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        extra = {"adapters": model.expert_names, "base_model_id": model.base_model_id, "xlora_format": 1}
-        model.config.to_json_file(tmp / CONFIG_NAME, extra=extra)
-        state = {k: v.detach().contiguous().cpu() for k, v in model.classifier.state_dict().items()}
-        save_file(to_original_keys(state, model.config, model.classifier.layers), str(tmp / CLASSIFIER_NAME))
-        for i, name in enumerate(model.expert_names):
-            _write_expert(model, i, tmp / name)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+def contents_of(model: XLoraModel) -> CheckpointContents:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.classifier.state_dict().items()}
+    return CheckpointContents(
+        config=model.config,
+        names=model.expert_names,
+        classifier=state,
+        base_model_id=model.base_model_id,
+        write_expert=lambda i, dest: write_expert_from_model(model, i, dest),
+    )
 
 
-def read_checkpoint_config(path: Path) -> tuple[XLoraConfig, list[str], dict]:
+def write_native(contents: CheckpointContents, path: Path, overwrite: bool = True) -> Path:
+    """Write the native layout atomically."""
+    with atomic_directory(path, overwrite) as tmp:
+        extra = {"adapters": contents.names, "base_model_id": contents.base_model_id, "xlora_format": 1}
+        contents.config.to_json_file(tmp / CONFIG_NAME, extra=extra)
+        save_file(to_original_keys(contents.classifier, contents.config), str(tmp / CLASSIFIER_NAME))
+        for i, name in enumerate(contents.names):
+            contents.write_expert(i, tmp / name)
+    return Path(path)
+
+
+def save_checkpoint(model: XLoraModel, path: Path, overwrite: bool = True, format: str = "native") -> Path:
+    """Save `model` as `format` ("native" or "peft")."""
+    if format == "native":
+        return write_native(contents_of(model), path, overwrite)
+    if format == "peft":
+        from .peft_format import write_peft
+
+        return write_peft(contents_of(model), path, overwrite)
+    raise ValueError(f"format: expected 'native' or 'peft', got {format!r}")
+
+
+# ---------------------------------------------------------------------- reading
+
+
+@dataclass
+class StoredCheckpoint:
+    """A checkpoint read from disk: contents plus where the experts live."""
+
+    config: XLoraConfig
+    names: list[str]
+    expert_dirs: list[Path]
+    classifier: dict[str, torch.Tensor]  # raw keys, as stored
+    classifier_path: Path
+    base_model_id: str | None
+    missing_hint: str = ""
+
+
+def read_native_config(path: Path) -> tuple[XLoraConfig, list[str], dict]:
     """Read `xlora_config.json`: the config, the expert names in order, and the raw dict."""
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
@@ -171,57 +269,93 @@ def read_checkpoint_config(path: Path) -> tuple[XLoraConfig, list[str], dict]:
     data = read_json_object(cfg_path)
     config = XLoraConfig.from_dict(data, source=str(cfg_path), ignore=EXTRA_FIELDS)
     adapters = data.get("adapters")
-    if isinstance(adapters, dict):
-        names = list(adapters)
-    elif isinstance(adapters, list) and all(isinstance(a, str) for a in adapters):
+    if isinstance(adapters, dict) or (isinstance(adapters, list) and all(isinstance(a, str) for a in adapters)):
         names = list(adapters)
     else:
         raise XLoraConfigError(f"{cfg_path}: field 'adapters' must list the expert names, got {adapters!r}")
     return config, names, data
 
 
-def resolve_adapters(path: Path, names: list[str], data: dict, adapters: ExpertSpec | None) -> list:
-    """Expert (name, dir) pairs: `adapters` if given, else the checkpoint's own folders."""
+def resolve_expert_dirs(
+    path: Path, names: list[str], candidates: list[list[Path]], adapters: ExpertSpec | None
+) -> list[Path]:
+    """Expert folders: `adapters` if given (same names, same order), else the first existing candidate."""
     if adapters is not None:
         pairs = normalize_expert_spec(adapters)
         if [n for n, _ in pairs] != names:
             raise ExpertError(
-                f"{path / CONFIG_NAME}: the checkpoint's experts are {names} (in this order); "
+                f"{path}: the checkpoint's experts are {names} (in this order); "
                 f"the adapters given are {[n for n, _ in pairs]}"
             )
-        return pairs
+        return [p for _, p in pairs]
+    dirs = []
+    for name, options in zip(names, candidates):
+        found = next((p for p in options if p.is_dir()), None)
+        if found is None:
+            raise CheckpointError(f"{path}: adapter folder {options[0].name}/ for expert {name!r} is missing")
+        dirs.append(found)
+    return dirs
+
+
+def read_native(path: Path, adapters: ExpertSpec | None = None) -> StoredCheckpoint:
+    config, names, data = read_native_config(path)
     stored = data.get("adapters") if isinstance(data.get("adapters"), dict) else {}
-    pairs = []
-    for name in names:
-        folder = path / name
-        if not folder.is_dir() and stored.get(name) and Path(stored[name]).is_dir():
-            folder = Path(stored[name])
-        if not folder.is_dir():
-            raise CheckpointError(f"{path}: adapter folder {name}/ for expert {name!r} is missing")
-        pairs.append((name, folder))
-    return pairs
-
-
-def load_checkpoint(base: nn.Module, path: Path, adapters: ExpertSpec | None = None) -> XLoraModel:
-    """Rebuild an XLoraModel on `base` from a native checkpoint directory."""
-    from .model import XLoraModel
-
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory does not exist")
-    config, names, data = read_checkpoint_config(path)
-    pairs = resolve_adapters(path, names, data, adapters)
+    candidates = [[path / n] + ([Path(stored[n])] if stored.get(n) else []) for n in names]
+    dirs = resolve_expert_dirs(path, names, candidates, adapters)
     clf_path = path / CLASSIFIER_NAME
     if not clf_path.is_file():
         clf_path = path / CLASSIFIER_PT_NAME
     if not clf_path.is_file():
         raise CheckpointError(f"{path}: no {CLASSIFIER_NAME} (or {CLASSIFIER_PT_NAME}); classifier weights missing")
-    state = load_classifier_state(clf_path)
-    experts, modules = load_experts(base, pairs)
-    model = XLoraModel(base, experts, modules, config, base_model_id=data.get("base_model_id"))
-    try:
-        fill_classifier(model, state, clf_path)
-    except BaseException:
-        model.unload()  # leave the caller's base model as it was
-        raise
+    return StoredCheckpoint(
+        config=config,
+        names=names,
+        expert_dirs=dirs,
+        classifier=load_classifier_state(clf_path),
+        classifier_path=clf_path,
+        base_model_id=data.get("base_model_id"),
+    )
+
+
+def detect_format(path: Path) -> str:
+    """'native' (xlora_config.json) or 'peft' (adapter_config.json with peft_type XLORA)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    if (path / CONFIG_NAME).is_file():
+        return "native"
+    if (path / "adapter_config.json").is_file():
+        peft_type = str(read_json_object(path / "adapter_config.json").get("peft_type", "")).upper()
+        if peft_type == "XLORA":
+            return "peft"
+        raise CheckpointError(
+            f"{path / 'adapter_config.json'}: peft_type {peft_type!r} is not an X-LoRA checkpoint "
+            "(expected 'XLORA'; a 'LORA' directory is an expert: pass it in the experts mapping)"
+        )
+    raise CheckpointError(f"{path}: no {CONFIG_NAME}; expected an X-LoRA checkpoint directory")
+
+
+def read_checkpoint(path: Path, adapters: ExpertSpec | None = None) -> StoredCheckpoint:
+    """Read a native or PEFT X-LoRA checkpoint directory."""
+    if detect_format(path) == "native":
+        return read_native(Path(path), adapters)
+    from .peft_format import read_peft
+
+    return read_peft(Path(path), adapters)
+
+
+def load_checkpoint(base: nn.Module, path: Path, adapters: ExpertSpec | None = None) -> XLoraModel:
+    """Rebuild an XLoraModel on `base` from a native or PEFT checkpoint directory."""
+    from .model import XLoraModel
+
+    stored = read_checkpoint(Path(path), adapters)
+    experts, modules = load_experts(base, list(zip(stored.names, stored.expert_dirs)))
+    # check the classifier before touching the base model
+    if stored.config.hidden_size is None:
+        stored.config.hidden_size = int(base.config.hidden_size)
+    state = check_classifier(
+        stored.classifier, stored.config, len(experts), len(modules), stored.classifier_path, stored.missing_hint
+    )
+    model = XLoraModel(base, experts, modules, stored.config, base_model_id=stored.base_model_id)
+    model.classifier.load_state_dict({k: v.to(model.classifier.layers[0].weight.dtype) for k, v in state.items()})
     return model

@@ -117,16 +117,19 @@ class XLoraModel(nn.Module):
         path: str | os.PathLike[str],
         adapters: ExpertSpec | None = None,
     ) -> XLoraModel:
-        """Load a saved X-LoRA checkpoint onto `base`; `adapters` overrides the stored expert folders."""
+        """Load a native or PEFT X-LoRA checkpoint onto `base`; `adapters` overrides the stored expert folders."""
         from .io import load_checkpoint
 
         return load_checkpoint(base, Path(path), adapters)
 
-    def save_pretrained(self, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
-        """Write config, classifier and one PEFT adapter folder per expert, atomically."""
+    def save_pretrained(self, path: str | os.PathLike[str], overwrite: bool = True, format: str = "native") -> Path:
+        """Write config, classifier and one PEFT adapter folder per expert, atomically.
+
+        `format="native"` is the original package's layout (read by it and by mistral.rs);
+        `format="peft"` is a directory that PEFT's `PeftModel.from_pretrained` loads."""
         from .io import save_checkpoint
 
-        return save_checkpoint(self, Path(path), overwrite=overwrite)
+        return save_checkpoint(self, Path(path), overwrite=overwrite, format=format)
 
     def _freeze(self) -> None:
         """Base frozen, experts frozen unless `use_trainable_adapters`, classifier trainable."""

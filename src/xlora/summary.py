@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from .config import read_json_object
 from .experts import _KEY_RE, ExpertError
-from .io import CONFIG_NAME, read_checkpoint_config
+from .io import CONFIG_NAME, read_native_config
 
 
 def _adapter_summary(name: str, folder: Path) -> dict[str, str | int]:
@@ -38,7 +38,7 @@ def describe(path: Path) -> tuple[dict | None, list[dict]]:
     """(gate config or None, one summary per expert) for a checkpoint or a single adapter dir."""
     path = Path(path)
     if (path / CONFIG_NAME).is_file():
-        config, names, data = read_checkpoint_config(path)
+        config, names, data = read_native_config(path)
         experts = []
         for name in names:
             folder = path / name

@@ -1,0 +1,136 @@
+"""PEFT's X-LoRA directory format: read it (with its bugs detected), and write one PEFT 0.21 loads.
+
+    peft-xlora/
+      adapter_config.json        peft_type "XLORA", gate fields, "adapters": {"0": path, ...}
+      adapter_model.safetensors  base_model.internal_xlora_classifier.layers.{i}.weight|bias
+      0/ 1/ ...                  the experts (PEFT needs the names "0".."N-1")
+      xlora_expert_names.json    our addition: the experts' real names, in order
+
+PEFT >= 0.20 saves such directories with only part of the classifier; we refuse those instead of
+running with random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from .config import XLoraConfig, XLoraConfigError, read_json_object, write_text_atomic
+from .experts import ExpertSpec
+from .io import (
+    CheckpointContents,
+    CheckpointError,
+    StoredCheckpoint,
+    atomic_directory,
+    load_classifier_state,
+    resolve_expert_dirs,
+)
+
+PREFIX = "base_model.internal_xlora_classifier."
+NAMES_FILE = "xlora_expert_names.json"
+# PeftConfig / PEFT XLoraConfig fields that are not gate options.
+PEFT_ONLY_FIELDS = (
+    "adapters",
+    "auto_mapping",
+    "base_model_name_or_path",
+    "inference_mode",
+    "peft_type",
+    "peft_version",
+    "revision",
+    "task_type",
+)
+# Our options that PEFT's X-LoRA does not have, with the value PEFT implicitly uses.
+PEFT_FIXED = {"enable_relu_and_dropout": True, "use_bias": True}
+PEFT_MISSING_HINT = (
+    "PEFT >= 0.20 saves X-LoRA checkpoints without all classifier weights; re-save the model with "
+    "xlora's save_pretrained, or retrain the gate"
+)
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.+=@ -]")
+
+
+def sanitize_names(raw: list[str], source: Path) -> list[str]:
+    """Foreign expert names -> folder-safe names; two names that collide after this are an error."""
+    out: list[str] = []
+    for name in raw:
+        clean = _UNSAFE.sub("_", str(name)).lstrip(".") or "expert"
+        if clean in out:
+            first = raw[out.index(clean)]
+            raise CheckpointError(f"{source}: expert names {first!r} and {name!r} both become {clean!r}")
+        out.append(clean)
+    return out
+
+
+def read_peft(path: Path, adapters: ExpertSpec | None = None) -> StoredCheckpoint:
+    cfg_path = path / "adapter_config.json"
+    data = read_json_object(cfg_path)
+    stored = data.get("adapters")
+    if not isinstance(stored, dict) or not stored:
+        raise XLoraConfigError(f"{cfg_path}: field 'adapters' must map expert keys to adapter paths")
+    gate = {k: v for k, v in data.items() if k not in PEFT_ONLY_FIELDS}
+    config = XLoraConfig.from_dict(gate, source=str(cfg_path))
+    keys = list(stored)
+    names_file = path / NAMES_FILE
+    if names_file.is_file():
+        names = read_json_object(names_file).get("names")
+        if not isinstance(names, list) or len(names) != len(keys):
+            raise CheckpointError(f"{names_file}: expected 'names' listing {len(keys)} expert names")
+    else:
+        names = sanitize_names(keys, cfg_path)
+    candidates = [[Path(str(stored[k])), path / k] for k in keys]
+    dirs = resolve_expert_dirs(path, names, candidates, adapters)
+    clf_path = next((p for p in (path / "adapter_model.safetensors", path / "adapter_model.bin") if p.is_file()), None)
+    if clf_path is None:
+        raise CheckpointError(f"{path}: no adapter_model.safetensors or .bin; classifier weights missing")
+    raw = load_classifier_state(clf_path)
+    state = {k: v for k, v in raw.items() if "internal_xlora_classifier." in k}
+    other = sorted(set(raw) - set(state))
+    if other:
+        raise CheckpointError(f"{clf_path}: unexpected tensors {', '.join(other[:3])} (expected only the classifier)")
+    return StoredCheckpoint(
+        config=config,
+        names=names,
+        expert_dirs=dirs,
+        classifier=state,
+        classifier_path=clf_path,
+        base_model_id=data.get("base_model_name_or_path"),
+        missing_hint=PEFT_MISSING_HINT,
+    )
+
+
+def peft_config_dict(contents: CheckpointContents, final: Path) -> dict:
+    """adapter_config.json for PEFT; refuses options PEFT's X-LoRA cannot express."""
+    cfg = contents.config
+    for field, value in PEFT_FIXED.items():
+        if getattr(cfg, field) != value:
+            raise CheckpointError(
+                f"{field}={getattr(cfg, field)} cannot be written in PEFT format (PEFT fixes {value})"
+            )
+    gate = cfg.to_dict()
+    for field in (*PEFT_FIXED, "reuse_scalings_after"):
+        gate.pop(field)
+    if gate["scaling_pass_value"] is None:  # PEFT needs the number
+        gate["scaling_pass_value"] = 1.0 / len(contents.names)
+    return {
+        "peft_type": "XLORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": contents.base_model_id,
+        "inference_mode": True,
+        **gate,
+        "adapters": {str(i): str(final / str(i)) for i in range(len(contents.names))},
+    }
+
+
+def write_peft(contents: CheckpointContents, path: Path, overwrite: bool = True) -> Path:
+    """Write a PEFT X-LoRA directory (atomically) that `PeftModel.from_pretrained` loads as is."""
+    final = Path(path).resolve()
+    config = peft_config_dict(contents, final)
+    with atomic_directory(final, overwrite) as tmp:
+        write_text_atomic(tmp / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+        save_file({PREFIX + k: v for k, v in contents.classifier.items()}, str(tmp / "adapter_model.safetensors"))
+        write_text_atomic(tmp / NAMES_FILE, json.dumps({"names": contents.names}, indent=2) + "\n")
+        for i in range(len(contents.names)):
+            contents.write_expert(i, tmp / str(i))
+    return final
