@@ -2,6 +2,7 @@
 
 from .base_models import load_base, load_default_base
 from .classifier import XLoraClassifier
+from .compat import add_xlora_to_model, from_pretrained, xLoRAConfig
 from .config import XLoraConfig, XLoraConfigError
 from .experts import ExpertError
 from .generation import GenerationStep, SamplingOptions, generate, iter_generate
@@ -20,10 +21,13 @@ __all__ = [
     "XLoraConfigError",
     "XLoraLinear",
     "XLoraModel",
+    "add_xlora_to_model",
+    "from_pretrained",
     "generate",
     "iter_generate",
     "load_base",
     "load_default_base",
     "load_scalings_log",
+    "xLoRAConfig",
 ]
 __version__ = "0.1.0"

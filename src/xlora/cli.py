@@ -148,6 +148,59 @@ def info(path: Annotated[Path, typer.Argument(help="An X-LoRA checkpoint or a PE
         out.print("config: " + ", ".join(f"{k}={v}" for k, v in config.items()))
 
 
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="A native or PEFT X-LoRA checkpoint directory.")],
+    dst: Annotated[Path, typer.Argument(help="Where to write the converted checkpoint.")],
+    to: Annotated[str, typer.Option(help="Target layout: native or peft.")] = "native",
+    overwrite: Annotated[bool, typer.Option(help="Replace DST if it exists.")] = False,
+) -> None:
+    """Convert a checkpoint between the native (original package) and PEFT layouts."""
+    from .convert import convert_checkpoint
+
+    try:
+        report = convert_checkpoint(src, dst, to, overwrite=overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
+        _fail(str(e))
+        return
+    # one plain line per tensor (a table would truncate the long key names in narrow terminals)
+    for r in report:
+        shape = "x".join(map(str, r.shape))
+        out.print(f"{r.kind:<10} {r.source} -> {r.destination}  [{shape}] {r.dtype}", soft_wrap=True, highlight=False)
+    out.print(f"{len(report)} tensors written to {dst} ({to})", soft_wrap=True, highlight=False)
+
+
+def resolve_base_dir(base: str | None, base_model_id: str | None) -> Path:
+    """--base, else the checkpoint's base_model_id when it is a local directory or the embedded model."""
+    from .base_models import DEFAULT_BASE_ID, default_base_dir
+
+    choice = base or base_model_id
+    if choice in ("default", DEFAULT_BASE_ID):
+        return default_base_dir()
+    if choice and (Path(choice) / "config.json").is_file():
+        return Path(choice)
+    raise ValueError(f"base model {choice!r} is not a local directory with config.json; pass --base DIR|default")
+
+
+@app.command("export-ordering")
+def export_ordering_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A native or PEFT X-LoRA checkpoint directory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Ordering JSON file to write.")],
+    base: Annotated[str | None, typer.Option(help="Base model dir or 'default' (default: the stored id).")] = None,
+) -> None:
+    """Write the mistral.rs ordering file: expert order and our adapted-module numbering."""
+    from .convert import export_ordering
+    from .io import read_checkpoint
+
+    try:
+        base_dir = resolve_base_dir(base, read_checkpoint(checkpoint).base_model_id)
+        data = export_ordering(checkpoint, output, base_dir)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+        return
+    out.print(f"wrote {output}: {len(data['order'])} experts, {len(data['layers'])} adapted modules")
+
+
 def main() -> None:
     app()
 
