@@ -76,15 +76,18 @@ def make_experts(tmp: Path, base_dir: Path) -> dict[str, Path]:
 
 
 def add_tiny_tokenizer(model_dir: Path, vocab: int = 128) -> None:
-    """Save a word-level tokenizer (words w0..w124, a chat template) next to a tiny model."""
+    """Save a word-level tokenizer next to a tiny model: ids 0-2 specials, 3-5 the role words
+    user/assistant/system, then words w0, w1, ... (id = 6 + K), and a prefix-stable chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(vocab - 3)}}
+    roles = {"user": 3, "assistant": 4, "system": 5}
+    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **roles, **{f"w{i}": i + 6 for i in range(vocab - 6)}}
     tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
     fast.chat_template = (
-        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w1{% endif %}"
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant {% endif %}"
     )
     fast.save_pretrained(model_dir)

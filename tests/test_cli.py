@@ -53,8 +53,8 @@ def test_generate_from_checkpoint_matches_library(tok_base, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    out = model.generate(torch.tensor([[12]]), max_new_tokens=5, eos_token_id=1, pad_token_id=0)
-    words = " ".join(f"w{t - 3}" for t in out[0, 1:].tolist() if t > 2)
+    out = model.generate(torch.tensor([[15]]), max_new_tokens=5, eos_token_id=1, pad_token_id=0)  # "w9"
+    words = " ".join(f"w{t - 6}" for t in out[0, 1:].tolist() if t > 5)
     assert words in result.output
 
 

@@ -1,0 +1,361 @@
+"""One training loop for LoRA experts and for the X-LoRA gate.
+
+What it guarantees:
+- A run is a function of (data, args, seed): the order of examples in epoch e is a permutation
+  seeded by `seed + e`, and step s always consumes the same global batch. Resuming therefore only
+  needs the step counter, the trainable weights, the optimiser, the scheduler and the RNG state,
+  all of which a checkpoint holds (written atomically every `save_every` steps).
+- The loss of a step is the sum of token cross-entropies over the *global* batch divided by its
+  number of loss tokens, so gradient accumulation and data parallelism (torchrun, DDP) give the
+  same update as one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .data import IGNORE, TokenizedDataset, collate
+from .io import atomic_directory
+
+SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainingArgs:
+    """Options shared by expert and gate training."""
+
+    output_dir: str
+    run_dir: str | None = None  # checkpoints + metrics.jsonl; default: "<output_dir>-run"
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs
+    batch_size: int = 8  # per process and micro-step
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    eval_every: int | None = None
+    save_every: int | None = None
+    seed: int = 0
+    precision: str = "auto"
+    resume: bool = False
+    entropy_weight: float = 0.0  # gate only: + w * mean scalings entropy (w > 0 sharper, w < 0 smoother)
+    balance_weight: float = 0.0  # gate only: + w * variance over experts of their mean weight
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs > 0, "epochs", "> 0"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps", ">= 1"),
+            (self.batch_size >= 1, "batch_size", ">= 1"),
+            (self.grad_accum >= 1, "grad_accum", ">= 1"),
+            (self.lr > 0, "lr", "> 0"),
+            (self.scheduler in SCHEDULERS, "scheduler", f"one of {SCHEDULERS}"),
+            (self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}"),
+            (self.warmup_steps >= 0, "warmup_steps", ">= 0"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "> 0 or None"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"TrainingArgs.{name}: expected {expected}, got {getattr(self, name)!r}")
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path(f"{self.output_dir}-run")
+
+
+def distributed() -> tuple[int, int]:
+    """(world size, rank); initialises torch.distributed when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
+def _all_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16/fp16 autocast when asked and the device supports it; 'auto' = bf16 on capable GPUs."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if precision in ("auto", "bf16"):
+            return (
+                torch.bfloat16 if torch.cuda.is_bf16_supported() else (torch.float16 if precision == "bf16" else None)
+            )
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16  # CPU bf16 autocast: slower on most CPUs, but asked for explicitly
+    return None  # fp16 autocast on CPU is not supported; auto on CPU stays fp32
+
+
+def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropies and the number of loss tokens."""
+    shift_logits = logits[:, :-1].float()  # [B, T-1, V]
+    shift_labels = labels[:, 1:]  # [B, T-1]
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, int((shift_labels != IGNORE).sum())
+
+
+@dataclass
+class Regulariser:
+    """Extra loss from the last forward (gate training): returns a scalar per micro-batch."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]  # attention_mask [B, T] -> scalar
+
+
+class Trainer:
+    """The loop; `model(input_ids, attention_mask)` must return an object with `.logits`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        trainable: dict[str, nn.Parameter],
+        train_ds: TokenizedDataset,
+        eval_ds: TokenizedDataset | None,
+        args: TrainingArgs,
+        pad_id: int,
+        regulariser: Regulariser | None = None,
+    ) -> None:
+        self.args, self.pad_id, self.regulariser = args, pad_id, regulariser
+        self.world, self.rank = distributed()
+        self.module = model
+        self.trainable = trainable
+        self.device = next(iter(trainable.values())).device
+        self.model = model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        self.train_ds, self.eval_ds = train_ds, eval_ds
+        self.global_batch = args.batch_size * args.grad_accum * self.world
+        self.steps_per_epoch = len(train_ds) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"training data has {len(train_ds)} examples, fewer than one global batch "
+                f"({args.batch_size} x {args.grad_accum} accumulation x {self.world} processes)"
+            )
+        self.total_steps = args.max_steps or max(1, math.floor(args.epochs * self.steps_per_epoch))
+        from transformers import get_scheduler
+
+        self.optimizer = torch.optim.AdamW(list(trainable.values()), lr=args.lr, weight_decay=args.weight_decay)
+        self.scheduler = get_scheduler(
+            args.scheduler if args.scheduler != "constant" else "constant_with_warmup",
+            self.optimizer,
+            num_warmup_steps=args.warmup_steps,
+            num_training_steps=self.total_steps,
+        )
+        self.amp = autocast_dtype(args.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        self.step = 0
+
+    # ------------------------------------------------------------------ data order
+
+    def batch_indices(self, step: int) -> list[list[int]]:
+        """This process's micro-batches (lists of example indices) for optimizer step `step`."""
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        gen = torch.Generator().manual_seed(self.args.seed + epoch)
+        perm = torch.randperm(len(self.train_ds), generator=gen)
+        chunk = perm[offset * self.global_batch : (offset + 1) * self.global_batch].tolist()
+        b = self.args.batch_size
+        return [
+            chunk[(j * self.world + self.rank) * b : (j * self.world + self.rank + 1) * b]
+            for j in range(self.args.grad_accum)
+        ]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.args.run_path / "checkpoint"
+
+    def save_state(self) -> None:
+        if self.rank == 0:
+            with atomic_directory(self.checkpoint_dir, overwrite=True) as tmp:
+                save_file(
+                    {k: v.detach().contiguous().cpu() for k, v in self.trainable.items()},
+                    str(tmp / "trainable.safetensors"),
+                )
+                state = {
+                    "step": self.step,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "python_rng": random.getstate(),
+                }
+                if torch.cuda.is_available():
+                    state["cuda_rng"] = torch.cuda.get_rng_state_all()
+                torch.save(state, tmp / "state.pt")
+                (tmp / "args.json").write_text(json.dumps(asdict(self.args), indent=2))
+        if dist.is_initialized():
+            dist.barrier()
+
+    def load_state(self) -> bool:
+        if not (self.checkpoint_dir / "state.pt").is_file():
+            return False
+        weights = load_file(str(self.checkpoint_dir / "trainable.safetensors"))
+        missing = sorted(set(self.trainable) - set(weights))
+        if missing:
+            raise ValueError(f"{self.checkpoint_dir}: checkpoint lacks trainable tensors {missing[:3]}")
+        with torch.no_grad():
+            for k, p in self.trainable.items():
+                p.copy_(weights[k].to(p.device, p.dtype))
+        state = torch.load(self.checkpoint_dir / "state.pt", map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        random.setstate(state["python_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = int(state["step"])
+        return True
+
+    def log(self, record: dict) -> None:
+        if self.rank == 0:
+            self.args.run_path.mkdir(parents=True, exist_ok=True)
+            with (self.args.run_path / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ steps
+
+    def _forward_ce(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return token_ce_sum(out.logits, batch["labels"])
+
+    def train_step(self) -> tuple[float, int]:
+        """One optimizer step; returns (mean loss over the global batch, tokens processed globally)."""
+        self.module.train()
+        micro = [collate([self.train_ds[i] for i in idx], self.pad_id) for idx in self.batch_indices(self.step)]
+        micro = [{k: v.to(self.device) for k, v in b.items()} for b in micro]
+        local = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)), device=self.device)
+        n_tokens = float(_all_sum(local.clone()))
+        ce_total = torch.zeros((), device=self.device)
+        for j, batch in enumerate(micro):
+            sync = j == len(micro) - 1
+            ctx = self.model.no_sync() if (self.world > 1 and not sync) else _null()
+            with ctx:
+                ce, count = self._forward_ce(batch)
+                loss = ce / n_tokens * self.world  # DDP averages gradients over processes
+                if self.regulariser is not None:
+                    loss = loss + self.regulariser.fn(batch["attention_mask"]) * (count / n_tokens) * self.world
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            ce_total += ce.detach()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.args.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.args.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seen = float(_all_sum(torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in micro)))))
+        return float(_all_sum(ce_total)) / n_tokens, int(seen)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Token-weighted mean cross-entropy over the eval set (every process takes a slice)."""
+        if self.eval_ds is None:
+            return None
+        self.module.eval()
+        idx = list(range(self.rank, len(self.eval_ds), self.world))
+        total = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
+        for start in range(0, len(idx), self.args.batch_size):
+            batch = collate([self.eval_ds[i] for i in idx[start : start + self.args.batch_size]], self.pad_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                out = self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            ce, n = token_ce_sum(out.logits, batch["labels"])
+            total += ce
+            count += n
+        return float(_all_sum(total)) / max(float(_all_sum(count)), 1.0)
+
+    def fit(self) -> list[dict]:
+        """Train to `total_steps` (resuming when asked); returns the step records logged."""
+        torch.manual_seed(self.args.seed)
+        random.seed(self.args.seed)
+        if self.args.resume and self.load_state() and self.rank == 0:
+            print(f"resumed from {self.checkpoint_dir} at step {self.step}/{self.total_steps}")
+        elif not self.args.resume and self.rank == 0 and (self.args.run_path / "metrics.jsonl").exists():
+            (self.args.run_path / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+        records = []
+        bar = _progress(self.total_steps, self.step, enabled=self.args.progress and self.rank == 0)
+        t0 = time.perf_counter()
+        kill_at = os.environ.get("XLORA_TEST_SIGKILL_AT_STEP")  # test hook: simulate a crash
+        while self.step < self.total_steps:
+            loss, tokens = self.train_step()
+            self.step += 1
+            dt = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            record = {
+                "step": self.step,
+                "epoch": round(self.step / self.steps_per_epoch, 4),
+                "loss": loss,
+                "lr": self.scheduler.get_last_lr()[0],
+                "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None,
+            }
+            if self.args.eval_every and self.step % self.args.eval_every == 0:
+                record["eval_loss"] = self.evaluate()
+            self.log(record)
+            records.append(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']}")
+                bar.update(1)
+            if self.args.save_every and self.step % self.args.save_every == 0:
+                self.save_state()
+            if kill_at and self.step == int(kill_at):
+                os.kill(os.getpid(), signal.SIGKILL)
+        if bar is not None:
+            bar.close()
+        final_eval = self.evaluate()
+        if final_eval is not None:
+            self.log({"step": self.step, "eval_loss": final_eval})
+            records.append({"step": self.step, "eval_loss": final_eval})
+        return records
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(total: int, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True)

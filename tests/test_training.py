@@ -1,0 +1,267 @@
+"""Training: experts and gate, reproducible, resumable after SIGKILL, data-parallel, HF Trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import add_tiny_tokenizer, load_base
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from xlora import XLoraConfig, XLoraModel
+from xlora.data import load_dataset
+from xlora.train import LoraOptions, train_expert, train_gate
+from xlora.training import TrainingArgs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny, tmp_path_factory):
+    """Tiny base with tokenizer, experts, and a learnable data set (each prompt maps to one answer)."""
+    base_dir, experts = tiny
+    add_tiny_tokenizer(base_dir)
+    root = tmp_path_factory.mktemp("train")
+    rows = []
+    for i in range(48):
+        a, b = 3 + i % 20, 3 + (i * 7) % 30
+        rows.append({"prompt": f"w{a} w{b}", "completion": f"w{(a + b) % 40 + 10} w{a} w{b}"})
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev = root / "eval.jsonl"
+    ev.write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
+    return base_dir, experts, data, ev
+
+
+def gate_model(base_dir, experts, dropout=0.0):
+    torch.manual_seed(0)
+    cfg = XLoraConfig(xlora_depth=2, xlora_size=16, layerwise_scalings=True, xlora_dropout_p=dropout)
+    return XLoraModel.from_experts(load_base(base_dir), experts, cfg)
+
+
+def run_gate(setup, out, **kw):
+    base_dir, experts, data, ev = setup
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = gate_model(base_dir, experts, dropout=kw.pop("dropout", 0.0))
+    args = TrainingArgs(output_dir=str(out), batch_size=4, lr=5e-3, seed=3, progress=False, **kw)
+    records = train_gate(model, load_dataset(data, tok), load_dataset(ev, tok), args, pad_token_id=0)
+    return model, records
+
+
+def test_gate_training_is_reproducible_and_learns(setup, tmp_path):
+    m1, r1 = run_gate(setup, tmp_path / "a", max_steps=12, eval_every=6, dropout=0.1)
+    m2, r2 = run_gate(setup, tmp_path / "b", max_steps=12, eval_every=6, dropout=0.1)
+    losses1 = [r["loss"] for r in r1 if "loss" in r]
+    assert losses1 == [r["loss"] for r in r2 if "loss" in r]  # same seed, same CPU -> same losses
+    assert losses1[-1] < losses1[0]
+    base_dir = setup[0]
+    fresh = gate_model(base_dir, setup[1])
+    for (n, p), (_, q) in zip(m1.named_parameters(), fresh.named_parameters()):
+        changed = not torch.equal(p, q)
+        assert changed == n.startswith("classifier"), n  # only the classifier moved
+    saved = XLoraModel.from_pretrained(load_base(base_dir), tmp_path / "a")
+    ids = torch.tensor([[5, 6, 7]])
+    m1.eval()
+    with torch.no_grad():
+        assert torch.equal(saved(input_ids=ids).logits, m1(input_ids=ids).logits)
+    metrics = [json.loads(line) for line in (tmp_path / "a-run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(metrics[0]) and "eval_loss" in metrics[5]
+
+
+def test_regularisers_change_routing(setup, tmp_path):
+    _, plain = run_gate(setup, tmp_path / "p", max_steps=4)
+    _, reg = run_gate(setup, tmp_path / "r", max_steps=4, entropy_weight=1.0, balance_weight=5.0)
+    assert [r["loss"] for r in plain if "loss" in r] != [r["loss"] for r in reg if "loss" in r]
+
+
+def cli(*args, env=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "xlora.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def gate_cli_args(setup, out, *extra):
+    base_dir, experts, data, ev = setup
+    args = [
+        "train-gate",
+        "--base",
+        str(base_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--size",
+        "16",
+        "--batch-size",
+        "4",
+        "--lr",
+        "5e-3",
+        "--seed",
+        "1",
+        "--dropout",
+        "0.1",
+    ]
+    for name, path in experts.items():
+        args += ["--experts", f"{name}={path}"]
+    return args + list(extra)
+
+
+def test_sigkill_and_resume_reaches_same_result(setup, tmp_path):
+    full = cli(*gate_cli_args(setup, tmp_path / "full", "--steps", "10", "--save-every", "3"))
+    assert full.returncode == 0, full.stderr
+    killed = cli(
+        *gate_cli_args(setup, tmp_path / "part", "--steps", "10", "--save-every", "3"),
+        env={"XLORA_TEST_SIGKILL_AT_STEP": "7"},
+    )
+    assert killed.returncode == -9  # SIGKILL after step 7; the last checkpoint is step 6
+    assert not (tmp_path / "part").exists()
+    resumed = cli(*gate_cli_args(setup, tmp_path / "part", "--steps", "10", "--save-every", "3", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "at step 6/10" in resumed.stdout
+
+    def last_loss(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if "loss" in r][-1]
+
+    a, b = last_loss(tmp_path / "full-run"), last_loss(tmp_path / "part-run")
+    assert a["step"] == b["step"] == 10 and abs(a["loss"] - b["loss"]) < 1e-4
+    wa = load_file(str(tmp_path / "full" / "xlora_classifier.safetensors"))
+    wb = load_file(str(tmp_path / "part" / "xlora_classifier.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+
+
+def test_torchrun_two_processes_equals_one(setup, tmp_path):
+    """gloo on CPU, 2 processes x batch 2 == 1 process x batch 4 (same global batch)."""
+    single = cli(*gate_cli_args(setup, tmp_path / "one", "--steps", "4", "--batch-size", "4", "--dropout", "0"))
+    assert single.returncode == 0, single.stderr
+    args = gate_cli_args(setup, tmp_path / "two", "--steps", "4", "--batch-size", "2", "--dropout", "0")
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "xlora.cli",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    wa = load_file(str(tmp_path / "one" / "xlora_classifier.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "xlora_classifier.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+
+
+def test_train_expert_cli_and_library(setup, tmp_path):
+    base_dir, _, data, ev = setup
+    r = cli(
+        "train-expert",
+        "--base",
+        str(base_dir),
+        "--data",
+        str(data),
+        "--eval",
+        str(ev),
+        "--out",
+        str(tmp_path / "exp"),
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--targets",
+        "q_proj,v_proj",
+        "--steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-2",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "loss" in r.stdout and (tmp_path / "exp" / "adapter_config.json").is_file()
+    cfg = json.loads((tmp_path / "exp" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+    m = XLoraModel.from_experts(load_base(base_dir), {"new": tmp_path / "exp"})  # usable as an expert
+    assert m.n_layers == 4
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    base = load_base(base_dir)
+    records = train_expert(
+        base,
+        load_dataset(data, tok),
+        None,
+        TrainingArgs(output_dir=str(tmp_path / "lib"), max_steps=8, batch_size=8, lr=1e-2, progress=False),
+        LoraOptions(rank=2, targets=["o_proj"]),
+    )
+    losses = [x["loss"] for x in records if "loss" in x]
+    assert losses[-1] < losses[0]
+    assert not any("lora" in n for n, _ in base.named_modules())  # the base model was restored
+
+
+def test_bad_data_reports_line(setup, tmp_path):
+    base_dir, experts, _, _ = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "w1", "completion": "w2"}\n{"prompt": \n')
+    r = cli("train-expert", "--base", str(base_dir), "--data", str(bad), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "bad.jsonl:2: invalid JSON" in r.stderr
+
+
+def test_hf_trainer(setup, tmp_path):
+    from transformers import Trainer
+    from transformers import TrainingArguments as HFArgs
+
+    from xlora.data import collate
+    from xlora.hf import XLoraSaveCallback
+
+    base_dir, experts, data, _ = setup
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = gate_model(base_dir, experts)
+    before = {k: v.clone() for k, v in model.classifier.state_dict().items()}
+    ds = load_dataset(data, tok)
+    trainer = Trainer(
+        model=model,
+        args=HFArgs(
+            output_dir=str(tmp_path / "hf"),
+            max_steps=3,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            remove_unused_columns=False,
+            logging_steps=1,
+        ),
+        train_dataset=ds,
+        data_collator=lambda exs: collate(exs, 0),
+        callbacks=[XLoraSaveCallback(model, tmp_path / "hf-xlora")],
+    )
+    result = trainer.train()
+    assert result.training_loss > 0
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert optimised == {id(p) for p in model.classifier.parameters()}
+    assert any(not torch.equal(before[k], v) for k, v in model.classifier.state_dict().items())
+    again = XLoraModel.from_pretrained(load_base(base_dir), tmp_path / "hf-xlora")
+    model.eval()
+    ids = torch.tensor([[4, 5, 6]])
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
