@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-
-if TYPE_CHECKING:
-    from .training import TrainingArgs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="X-LoRA: a mixture of LoRA experts.")
 err = Console(stderr=True)
@@ -204,206 +201,15 @@ def export_ordering_cmd(
     out.print(f"wrote {output}: {len(data['order'])} experts, {len(data['layers'])} adapted modules")
 
 
-def _training_args(out: Path, **kw) -> TrainingArgs:
-    from .training import TrainingArgs
-
-    steps = kw.pop("steps")
-    return TrainingArgs(output_dir=str(out), max_steps=steps, **kw)
-
-
-# Options shared by train-expert and train-gate (typer needs them spelled out per command).
-_DATA = typer.Option(help="Training data: .jsonl or .csv (prompt/completion, messages or text).")
-_EVAL = typer.Option(help="Evaluation data, same format.")
-
-
-@app.command("train-expert")
-def train_expert_cmd(
-    data: Annotated[Path, _DATA],
-    out: Annotated[Path, typer.Option(help="Where to write the PEFT LoRA adapter directory.")],
-    base: Annotated[str, typer.Option(help="'default' (embedded SmolLM2) or a local HF model dir.")] = "default",
-    eval: Annotated[Path | None, _EVAL] = None,
-    rank: int = 8,
-    alpha: float = 16.0,
-    targets: Annotated[
-        str, typer.Option(help="Comma-separated module names.")
-    ] = "q_proj,k_proj,v_proj,o_proj,gate_proj",
-    lora_dropout: float = 0.05,
-    epochs: float = 1.0,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
-    lr: float = 2e-4,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    max_length: int = 512,
-    scheduler: str = "cosine",
-    warmup_steps: int = 0,
-    max_grad_norm: float = 1.0,
-    eval_every: int | None = None,
-    save_every: int | None = None,
-    precision: str = "auto",
-    seed: int = 0,
-    resume: bool = False,
-    run_dir: Annotated[Path | None, typer.Option(help="Checkpoints and metrics.jsonl (default OUT-run).")] = None,
-    device: str | None = None,
-) -> None:
-    """Train one LoRA expert (a plain PEFT adapter directory) on a data file."""
-    from .base_models import load_base
-    from .data import load_dataset
-    from .train import LoraOptions, train_expert
-    from .training import distributed
-
-    try:
-        world, rank_id = distributed()
-        model, tokenizer = load_base(base, device=_device_for(device))
-        train_ds = load_dataset(data, tokenizer, max_length)
-        eval_ds = load_dataset(eval, tokenizer, max_length) if eval else None
-        args = _training_args(
-            out,
-            steps=steps,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            scheduler=scheduler,
-            warmup_steps=warmup_steps,
-            max_grad_norm=max_grad_norm,
-            eval_every=eval_every,
-            save_every=save_every,
-            precision=precision,
-            seed=seed,
-            resume=resume,
-            run_dir=str(run_dir) if run_dir else None,
-        )
-        lora = LoraOptions(
-            rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",")], dropout=lora_dropout
-        )
-        records = train_expert(model, train_ds, eval_ds, args, lora, pad_token_id=_pad_id(tokenizer))
-    except (ValueError, FileNotFoundError, OSError) as e:
-        _fail(str(e))
-        return
-    if rank_id == 0:
-        _report(records, out, args)
-
-
-@app.command("train-gate")
-def train_gate_cmd(
-    data: Annotated[Path, _DATA],
-    out: Annotated[Path, typer.Option(help="Where to write the X-LoRA checkpoint.")],
-    experts: Annotated[list[str], typer.Option("--experts", "-e", help="NAME=DIR, repeatable.")],
-    base: Annotated[str, typer.Option(help="'default' (embedded SmolLM2) or a local HF model dir.")] = "default",
-    eval: Annotated[Path | None, _EVAL] = None,
-    depth: int = 2,
-    size: int = 256,
-    dropout: float = 0.0,
-    layerwise: bool = True,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    softmax_topk: bool = False,
-    entropy_weight: Annotated[float, typer.Option(help="+w * scalings entropy: >0 sharper, <0 smoother.")] = 0.0,
-    balance_weight: Annotated[float, typer.Option(help="+w * variance of mean expert use.")] = 0.0,
-    epochs: float = 1.0,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
-    lr: float = 1e-3,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    max_length: int = 512,
-    scheduler: str = "cosine",
-    warmup_steps: int = 0,
-    max_grad_norm: float = 1.0,
-    eval_every: int | None = None,
-    save_every: int | None = None,
-    precision: str = "auto",
-    seed: int = 0,
-    resume: bool = False,
-    run_dir: Annotated[Path | None, typer.Option(help="Checkpoints and metrics.jsonl (default OUT-run).")] = None,
-    device: str | None = None,
-) -> None:
-    """Train the X-LoRA gate (classifier only; base and experts frozen) and save the checkpoint."""
-    import torch
-
-    from .base_models import load_base
-    from .config import XLoraConfig
-    from .data import load_dataset
-    from .model import XLoraModel
-    from .train import train_gate
-    from .training import distributed
-
-    try:
-        world, rank_id = distributed()
-        model_base, tokenizer = load_base(base, device=_device_for(device))
-        config = XLoraConfig(
-            xlora_depth=depth,
-            xlora_size=size,
-            xlora_dropout_p=dropout,
-            layerwise_scalings=layerwise,
-            softmax_temperature=temperature,
-            top_k_lora=top_k,
-            enable_softmax_topk=softmax_topk,
-        )
-        torch.manual_seed(seed)  # classifier init
-        model = XLoraModel.from_experts(model_base, parse_experts(experts), config, base_model_id=base)
-        train_ds = load_dataset(data, tokenizer, max_length)
-        eval_ds = load_dataset(eval, tokenizer, max_length) if eval else None
-        args = _training_args(
-            out,
-            steps=steps,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            scheduler=scheduler,
-            warmup_steps=warmup_steps,
-            max_grad_norm=max_grad_norm,
-            eval_every=eval_every,
-            save_every=save_every,
-            precision=precision,
-            seed=seed,
-            resume=resume,
-            run_dir=str(run_dir) if run_dir else None,
-            entropy_weight=entropy_weight,
-            balance_weight=balance_weight,
-        )
-        records = train_gate(model, train_ds, eval_ds, args, pad_token_id=_pad_id(tokenizer))
-    except (ValueError, FileNotFoundError, OSError) as e:
-        _fail(str(e))
-        return
-    if rank_id == 0:
-        _report(records, out, args)
-
-
-def _device_for(device: str | None) -> str:
-    """Under torchrun every process takes its own GPU; on CPU all share the CPU."""
-    import os
-
-    import torch
-
-    if device:
-        return device
-    if torch.cuda.is_available():
-        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    return "cpu"
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return int(pad or 0)
-
-
-def _report(records: list[dict], out: Path, args) -> None:
-    losses = [r["loss"] for r in records if "loss" in r]
-    evals = [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
-    line = f"done: {len(losses)} steps"
-    if losses:
-        line += f", loss {losses[0]:.4f} -> {losses[-1]:.4f}"
-    if evals:
-        line += f", eval loss {evals[-1]:.4f}"
-    out_console = Console()
-    out_console.print(line, highlight=False)
-    out_console.print(f"model: {out}; log: {args.run_path / 'metrics.jsonl'}", soft_wrap=True, highlight=False)
-
-
 def main() -> None:
     app()
 
 
+from . import cli_train  # noqa: E402,F401 - registers train-expert and train-gate on `app`
+
 if __name__ == "__main__":
-    main()
+    # `python -m xlora.cli` (e.g. under torchrun): run the package module's app, where the training
+    # commands are registered, not this __main__ copy's.
+    from xlora.cli import main as package_main
+
+    package_main()
