@@ -54,5 +54,5 @@ def test_zero_scalings_skip_expert_math():
         layer.lora_A.fill_(float("nan"))
     x = torch.randn(2, 3, 8)
     assert torch.equal(layer(x), base(x))
-    layer.state.coef = torch.ones(layer.rank)
+    layer.state.coef = [torch.ones(layer.rank)]
     assert torch.isnan(layer(x)).all()

@@ -13,12 +13,14 @@ class ScalingsState:
     """Per-pass expert coefficients shared by all X-LoRA layers of one model.
 
     `coef` is None when the expert math must be skipped (scaling pass with value 0, disabled
-    experts); otherwise it holds, for every stacked rank row of every layer, the product
-    scaling * alpha/r * global weight: `[B, T, sum_l R_l]` or a broadcastable `[sum_l R_l]`.
+    experts); otherwise it holds one tensor per adapted layer with, for every stacked rank row,
+    the product scaling * alpha/r * global weight: `[B, T, R_l]` or a broadcastable `[R_l]`.
+    (Separate tensors from one `split`, not slices of one: the backward of 56 slices would
+    allocate 56 zero-filled copies of the whole coefficient tensor.)
     """
 
     def __init__(self) -> None:
-        self.coef: torch.Tensor | None = None
+        self.coef: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None
 
 
 class XLoraLinear(nn.Module):
@@ -40,8 +42,6 @@ class XLoraLinear(nn.Module):
         self.register_buffer("row_expert", stacked.row_expert, persistent=False)  # [R]
         self.register_buffer("row_scale", stacked.row_scale, persistent=False)  # [R]
         self.state = state
-        self.row_start = 0  # this layer's slice of the model-wide coefficient vector
-        self.row_end = stacked.lora_A.shape[0]
 
     @property
     def rank(self) -> int:
@@ -52,7 +52,10 @@ class XLoraLinear(nn.Module):
         coef = self.state.coef
         if coef is None:  # scalings known to be zero: plain base layer
             return y
-        return y + self._delta(x, coef[..., self.row_start : self.row_end]).to(y.dtype)
+        c = coef[self.index]
+        if c.device != x.device:  # model sharded over devices (device_map="auto")
+            c = c.to(x.device)
+        return y + self._delta(x, c).to(y.dtype)
 
     def _delta(self, x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         h = F.linear(x.to(self.lora_A.dtype), self.lora_A) * coef  # [B, T, R]

@@ -71,20 +71,18 @@ class XLoraModel(nn.Module):
         ref = base.get_input_embeddings().weight
         layers: list[XLoraLinear] = []
         gather, scales = [], []
-        offset = 0
         for index, name in enumerate(module_names):
             target = base.get_submodule(name)
             w = target.weight
             stacked = stack_module(name, experts, dtype=w.dtype, device=w.device)
             layer = XLoraLinear(target, index, stacked, self.state, trainable=config.use_trainable_adapters)
-            layer.row_start, layer.row_end = offset, offset + layer.rank
-            offset += layer.rank
             _set_submodule(base, name, layer)
             layers.append(layer)
             gather.append(index * len(experts) + stacked.row_expert.cpu())
             scales.append(stacked.row_scale.cpu().float())
         self.module_names = list(module_names)
         self._layers = layers  # plain list: the layers are registered under self.base already
+        self._ranks = [layer.rank for layer in layers]
         self.register_buffer("gather_index", torch.cat(gather).to(ref.device), persistent=False)  # [sum R]
         self.register_buffer("row_scale", torch.cat(scales).to(ref.device, ref.dtype), persistent=False)
 
@@ -173,15 +171,15 @@ class XLoraModel(nn.Module):
 
     # ------------------------------------------------------------------ scalings
 
-    def _coef(self, scalings: torch.Tensor) -> torch.Tensor | None:
-        """Scalings `[..., L, N]` (after top-k) -> per-rank-row coefficients `[..., sum R]`."""
+    def _coef(self, scalings: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """Scalings `[..., L, N]` (after top-k) -> per-layer rank-row coefficients, each `[..., R_l]`."""
         g = self.config.global_scaling_weight
         if g == 0:
             return None
-        coef = scalings.flatten(-2).index_select(-1, self.gather_index)
-        return coef * (self.row_scale * g).to(coef.dtype)
+        coef = scalings.flatten(-2).index_select(-1, self.gather_index)  # [..., sum R]
+        return (coef * (self.row_scale * g).to(coef.dtype)).split(self._ranks, dim=-1)
 
-    def _scaling_pass_coef(self) -> torch.Tensor | None:
+    def _scaling_pass_coef(self) -> tuple[torch.Tensor, ...] | None:
         """Coefficients of the scaling pass: every scaling equal to `scaling_pass_value`."""
         value = self.config.scaling_pass_value
         if value is None:
@@ -190,10 +188,10 @@ class XLoraModel(nn.Module):
             return None  # plain base model: skip the expert math entirely
         s = torch.full((1, 1, self.n_layers, self.n_experts), float(value), device=self.device)
         coef = self._coef(select_topk(s.to(self.row_scale.dtype), self.config))
-        return None if coef is None else coef[0, 0]  # [sum R], broadcast over B and T
+        return None if coef is None else tuple(c[0, 0] for c in coef)  # each [R_l], broadcast over B, T
 
     @contextmanager
-    def _coefficients(self, coef: torch.Tensor | None) -> Iterator[None]:
+    def _coefficients(self, coef: tuple[torch.Tensor, ...] | None) -> Iterator[None]:
         self.state.coef = coef
         try:
             yield
