@@ -55,7 +55,8 @@ class XLoraLinear(nn.Module):
         c = coef[self.index]
         if c.device != x.device:  # model sharded over devices (device_map="auto")
             c = c.to(x.device)
-        return y + self._delta(x, c).to(y.dtype)
+        # in place: nothing saved for backward refers to `y` (Linear keeps its input and weight)
+        return y.add_(self._delta(x, c).to(y.dtype))
 
     def _delta(self, x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         h = F.linear(x.to(self.lora_A.dtype), self.lora_A) * coef  # [B, T, R]
