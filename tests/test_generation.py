@@ -142,3 +142,30 @@ def test_disabled_generation_is_base(model, padded_batch):
     base = model.unload()
     ref = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(ours, ref)
+
+
+def test_finished_rows_leave_the_batch_without_changing_others(model, padded_batch):
+    ids, mask = padded_batch
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=20)
+    eos = int(free[0, 12 + 1])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=0)
+    for row in range(3):
+        new = free[row, 12:].tolist()
+        cut = new.index(eos) + 1 if eos in new else len(new)
+        assert out[row, 12 : 12 + cut].tolist() == new[:cut]
+        assert all(t == 0 for t in out[row, 12 + cut :].tolist())
+
+
+def test_stop_rows_from_the_caller(model, padded_batch):
+    from xlora.generation import SamplingOptions, iter_generate
+
+    ids, mask = padded_batch
+    stop = torch.zeros(3, dtype=torch.bool)
+    steps = []
+    for step in iter_generate(model, ids, mask, SamplingOptions(max_new_tokens=10, pad_token_id=0), stop_rows=stop):
+        steps.append(step)
+        if len(steps) == 3:
+            stop[1] = True  # e.g. the client of row 1 went away
+    assert len(steps) == 10
+    assert all(int(s.tokens[1]) == 0 for s in steps[3:])
+    assert bool(steps[-1].finished[1]) and not bool(steps[-1].finished[0])

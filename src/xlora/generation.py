@@ -93,6 +93,31 @@ def _uncached_logits(model: XLoraModel, ids: torch.Tensor, mask: torch.Tensor) -
     return out.logits[:, -1, :]
 
 
+Sampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(ids `[b, T]`, logits `[b, V]`, original row numbers `[b]`) of the live rows -> tokens `[b]`."""
+
+
+def default_sampler(opts: SamplingOptions, device: torch.device) -> Sampler:
+    """Greedy or sampling with transformers' logits processors, one generator for the batch."""
+    processors = opts.processors()
+    generator = None
+    if opts.do_sample and opts.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(opts.seed)
+
+    def sample(ids: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        scores = processors(ids, logits.float())
+        if opts.do_sample:
+            return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+        return scores.argmax(dim=-1)
+
+    return sample
+
+
+def _select_rows(cache: Any, keep: torch.Tensor) -> None:
+    if cache is not None:
+        cache.batch_select_indices(keep)
+
+
 def iter_generate(
     model: XLoraModel,
     input_ids: torch.Tensor,
@@ -100,21 +125,27 @@ def iter_generate(
     options: SamplingOptions | None = None,
     use_cache: bool = True,
     reuse_scalings_after: int | None = None,
+    sampler: Sampler | None = None,
+    stop_rows: torch.Tensor | None = None,
 ) -> Iterator[GenerationStep]:
-    """Yield one GenerationStep per new token until every sequence ended or max_new_tokens."""
+    """Yield one GenerationStep per new token until every sequence ended or max_new_tokens.
+
+    Finished rows leave the batch (both KV caches shrink), so the cost follows the live rows.
+    `stop_rows` `[B]` bool may be set True by the caller between steps (a stop string was seen, a
+    client went away): that row counts as finished from the next step on.
+    """
     opts = options or SamplingOptions()
     opts.validate()
     reuse_after = reuse_scalings_after if reuse_scalings_after is not None else model.config.reuse_scalings_after
     device = model.device
     ids = input_ids.to(device)
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
+    n_rows = ids.shape[0]
     eos = torch.tensor(opts.eos_ids(), device=device, dtype=torch.long)
     pad = opts.pad_token_id if opts.pad_token_id is not None else (opts.eos_ids() or [0])[0]
-    processors = opts.processors()
-    generator = None
-    if opts.do_sample and opts.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(opts.seed)
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    sample = sampler or default_sampler(opts, device)
+    finished = torch.zeros(n_rows, dtype=torch.bool, device=device)  # over all original rows
+    rows = torch.arange(n_rows, device=device)  # original row number of each live row
     disabled = model._experts_disabled
     cache_scaling = DynamicCache(config=model.base.config) if use_cache else None
     cache_real = DynamicCache(config=model.base.config) if use_cache else None
@@ -132,32 +163,40 @@ def iter_generate(
                 logits, scalings = out.logits[:, -1, :], None
             else:
                 if reuse_after is not None and step > reuse_after and last_scalings is not None:
-                    scalings_seq = last_scalings[:, None]  # [B, 1, L, N]
+                    scalings_seq = last_scalings[:, None]  # [b, 1, L, N]
                     cache_scaling = None  # never needed again
                 else:
                     hidden = model.scaling_pass(cache=cache_scaling, **inputs, position_ids=pos)
-                    scalings_seq = model.predict_scalings(hidden)  # [B, T, L, N]
+                    scalings_seq = model.predict_scalings(hidden)  # [b, T, L, N]
                 with model.apply_scalings(scalings_seq):
                     out = model.base(
                         **inputs, position_ids=pos, **cache_kwargs(model.base, cache_real), logits_to_keep=1
                     )
                 logits, scalings = out.logits[:, -1, :], scalings_seq[:, -1]
             last_scalings = scalings
-            scores = processors(ids, logits.float())
-            if opts.do_sample:
-                probs = torch.softmax(scores, dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            else:
-                token = scores.argmax(dim=-1)
-            token = torch.where(finished, torch.full_like(token, pad), token)
+            token = sample(ids, logits, rows)  # [b]
             if eos.numel():
-                finished = finished | torch.isin(token, eos)
-            yield GenerationStep(tokens=token, finished=finished.clone(), scalings=scalings)
+                finished[rows] |= torch.isin(token, eos)
+            full = torch.full((n_rows,), pad, dtype=torch.long, device=device)
+            full[rows] = token
+            full_scalings = None
+            if scalings is not None:
+                full_scalings = scalings.new_zeros((n_rows, *scalings.shape[1:]))
+                full_scalings[rows] = scalings
+            yield GenerationStep(tokens=full, finished=finished.clone(), scalings=full_scalings)
+            if stop_rows is not None:
+                finished |= stop_rows.to(device)
+            if bool(finished.all()):
+                break
             ids = torch.cat([ids, token[:, None]], dim=1)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             step_ids = token[:, None]
-            if bool(finished.all()):
-                break
+            keep = (~finished[rows]).nonzero().squeeze(1)  # live rows, in batch positions
+            if keep.numel() < rows.numel():
+                rows, ids, mask, step_ids = rows[keep], ids[keep], mask[keep], step_ids[keep]
+                last_scalings = last_scalings[keep] if last_scalings is not None else None
+                _select_rows(cache_scaling, keep)
+                _select_rows(cache_real, keep)
 
 
 def generate(
