@@ -201,6 +201,42 @@ def export_ordering_cmd(
     out.print(f"wrote {output}: {len(data['order'])} experts, {len(data['layers'])} adapted modules")
 
 
+@app.command()
+def serve(
+    checkpoint: Annotated[Path, typer.Option(help="An X-LoRA checkpoint directory (native or PEFT).")],
+    base: Annotated[str, typer.Option(help="'default' (embedded SmolLM2) or a local HF model dir.")] = "default",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together.")] = 8,
+    max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before 429.")] = 64,
+    reuse_scalings_after: int | None = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="Model id clients use (default: checkpoint folder name).")
+    ] = None,
+    device: str | None = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (FastAPI + uvicorn)."""
+    import uvicorn
+
+    from .base_models import load_base
+    from .model import XLoraModel
+    from .server import create_app
+    from .serving import Engine
+
+    try:
+        model_base, tokenizer = load_base(base, device=pick_device(device))
+        model = XLoraModel.from_pretrained(model_base, checkpoint)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+        return
+    engine = Engine(
+        model, tokenizer, max_batch=max_batch, max_queue=max_queue, reuse_scalings_after=reuse_scalings_after
+    )
+    name = model_name or checkpoint.resolve().name
+    out.print(f"serving {name} ({', '.join(model.expert_names)}) on http://{host}:{port}/v1", highlight=False)
+    uvicorn.run(create_app(engine, name), host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     app()
 
