@@ -209,6 +209,7 @@ def serve(
     port: int = 8000,
     max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together.")] = 8,
     max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before 429.")] = 64,
+    batch_wait_ms: Annotated[float, typer.Option(min=0, help="How long a new batch waits to fill up.")] = 20.0,
     reuse_scalings_after: int | None = None,
     model_name: Annotated[
         str | None, typer.Option(help="Model id clients use (default: checkpoint folder name).")

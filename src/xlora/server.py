@@ -136,13 +136,15 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             seed=req.seed,
             stop=stop,
             mixture=MixtureOptions(tuple(sorted(ext.mask_experts)), ext.top_k, ext.global_scaling_weight),
+            want_scalings=ext.return_scalings is not None,
         )
 
     async def run(gen: GenRequest, http: Request) -> AsyncIterator[tuple]:
         """Submit and yield the engine's events; a client that goes away cancels its row."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        gen.emit = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+        engine.dispatch = lambda fn: loop.call_soon_threadsafe(fn)  # one loop wake-up per decoding step
+        gen.emit = events.put_nowait
         try:
             engine.submit(gen)
         except QueueFull as e:

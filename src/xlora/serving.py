@@ -1,7 +1,8 @@
 """The serving engine: a bounded queue, a scheduler thread, batches decoded with both KV caches.
 
 Batching policy (a decision, see the README): requests join at the next *batch boundary*. The
-scheduler takes the oldest waiting request and, in arrival order, up to `max_batch - 1` more whose
+scheduler takes the oldest waiting request, waits while requests keep arriving (gaps under
+`batch_wait_ms`, at most 5 x that), and takes in arrival order up to `max_batch - 1` more whose
 X-LoRA options (masked experts, top-k, global weight) are the same, because those options are
 per-model settings that must not leak into other requests. The batch is left-padded, prefilled,
 and decoded; rows that finish (EOS, stop string, max_tokens, client gone) leave the batch at once,
@@ -51,6 +52,7 @@ class Request:
     # events, called from the engine thread: ("token", id, text delta, weights [N] | None),
     # ("text", trailing text, None), ("end", "stop" | "length"), ("error", message)
     emit: Callable[[tuple], None] = field(default_factory=lambda: queue.Queue().put)
+    want_scalings: bool = False  # compute per-token expert weights for this request
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -93,8 +95,11 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 64,
         reuse_scalings_after: int | None = None,
+        batch_wait_ms: float = 20.0,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self.last_arrival = 0.0
         self.max_batch, self.max_queue = max_batch, max_queue
         self.reuse_scalings_after = reuse_scalings_after
         self.waiting: deque[Request] = deque()
@@ -105,6 +110,9 @@ class Engine:
         self.eos_ids = self._eos_ids()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.context_length = int(getattr(model.base.config, "max_position_embeddings", 2048))
+        # How a step's events reach the consumers: called once per step with a function that emits
+        # them all (the HTTP server hands this to its event loop: one wake-up per step, not per row).
+        self.dispatch: Callable[[Callable[[], None]], None] = lambda fn: fn()
         self.thread = threading.Thread(target=self._run, name="xlora-engine", daemon=True)
         self.thread.start()
 
@@ -122,6 +130,7 @@ class Engine:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the queue holds {self.max_queue} waiting requests; retry later")
             self.waiting.append(request)
+            self.last_arrival = time.monotonic()
             self.cond.notify()
         return request
 
@@ -134,20 +143,26 @@ class Engine:
     # ------------------------------------------------------------------ scheduler
 
     def _next_batch(self) -> list[Request]:
+        """The oldest request plus compatible ones. Requests sent together arrive a few milliseconds
+        apart, so a new batch keeps waiting while they keep coming: until it is full, or no request
+        arrived for `batch_wait_s`, or it waited 5 x `batch_wait_s` in all."""
         with self.cond:
             while not self.waiting and not self.stopping:
                 self.cond.wait()
             if self.stopping:
                 return []
-            first = self.waiting.popleft()
-            batch = [first]
-            for r in list(self.waiting):
-                if len(batch) >= self.max_batch:
+            start = time.monotonic()
+            while not self.stopping:
+                first = self.waiting[0]
+                compatible = [r for r in self.waiting if r.mixture == first.mixture][: self.max_batch]
+                now = time.monotonic()
+                quiet = now - self.last_arrival >= self.batch_wait_s
+                if len(compatible) >= self.max_batch or quiet or now - start >= 5 * self.batch_wait_s:
                     break
-                if r.mixture == first.mixture:
-                    self.waiting.remove(r)
-                    batch.append(r)
-            return [r for r in batch if not r.cancelled.is_set()]
+                self.cond.wait(timeout=self.batch_wait_s)
+            for r in compatible:
+                self.waiting.remove(r)
+            return [r for r in compatible if not r.cancelled.is_set()]
 
     def _run(self) -> None:
         while True:
@@ -160,8 +175,7 @@ class Engine:
             try:
                 self._decode(batch)
             except Exception as e:  # noqa: BLE001 - a failed batch must not kill the server
-                for r in batch:
-                    r.emit(("error", f"generation failed: {e}"))
+                self._send([(r, ("error", f"generation failed: {e}")) for r in batch])
             finally:
                 self.busy_rows = 0
 
@@ -178,6 +192,10 @@ class Engine:
     def _restore_mixture(self, saved, handle) -> None:
         handle.__exit__(None, None, None)
         self.model.config.top_k_lora, self.model.config.global_scaling_weight = saved
+
+    def _send(self, events: list[tuple[Request, tuple]]) -> None:
+        if events:
+            self.dispatch(lambda: [r.emit(ev) for r, ev in events])
 
     def _decode(self, batch: list[Request]) -> None:
         width = max(len(r.prompt_ids) for r in batch)
@@ -204,6 +222,7 @@ class Engine:
                 stop_rows=stop,
             )
             for n, step in enumerate(steps, start=1):
+                out: list[tuple[Request, tuple]] = []
                 for i, r in enumerate(batch):
                     if done[i]:
                         continue
@@ -213,38 +232,38 @@ class Engine:
                         continue
                     token = int(step.tokens[i])
                     weights = None
-                    if step.scalings is not None:
+                    if r.want_scalings and step.scalings is not None:
                         weights = step.scalings[i].float().mean(0).cpu()  # [N], mean over adapted modules
                     if token in self.eos_ids:
                         done[i], stop[i] = True, True
-                        r.emit(("end", "stop"))
+                        out.append((r, ("end", "stop")))
                         continue
                     generated[i].append(token)
                     text = self.tokenizer.decode(generated[i], skip_special_tokens=True)
                     hit = next((s for s in r.stop if s and s in text), None)
                     if hit is not None:
                         cut = text.index(hit)
-                        r.emit(("text", text[len(texts[i]) : cut] if cut > len(texts[i]) else "", weights))
+                        out.append((r, ("text", text[len(texts[i]) : cut] if cut > len(texts[i]) else "", weights)))
                         done[i], stop[i] = True, True
-                        r.emit(("end", "stop"))
+                        out.append((r, ("end", "stop")))
                         continue
                     # hold back a tail that could still become a stop string
                     hold = max((len(s) - 1 for s in r.stop), default=0)
                     safe = len(text) - hold if hold else len(text)
                     delta = text[len(texts[i]) : max(safe, len(texts[i]))]
                     texts[i] += delta
-                    r.emit(("token", token, delta, weights))
+                    out.append((r, ("token", token, delta, weights)))
                     if n >= r.max_tokens:
                         tail = text[len(texts[i]) :]
                         if tail:
-                            r.emit(("text", tail, None))
+                            out.append((r, ("text", tail, None)))
                         done[i], stop[i] = True, True
-                        r.emit(("end", "length"))
+                        out.append((r, ("end", "length")))
+                self._send(out)
                 if all(done):
                     break
-            for i, r in enumerate(batch):  # the loop ended (max tokens of the batch)
-                if not done[i]:
-                    r.emit(("end", "length"))
+            out = [(r, ("end", "length")) for i, r in enumerate(batch) if not done[i]]  # batch max reached
+            self._send(out)
         finally:
             self._restore_mixture(saved, handle)
 
