@@ -1,0 +1,93 @@
+"""Real science data shipped in PyPI packages, read offline: QM9 (qm9pack) and AMPs (modlamp).
+
+Files are located with `importlib.util.find_spec` instead of importing the packages: qm9pack's
+`__init__` needs `pkg_resources` and parses `sys.argv`, modlamp's pulls scikit-learn and pandas.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+HARTREE_EV = 27.211386245988
+ELEMENTS = ("H", "C", "N", "O", "F")  # order of QM9's Stoichiometry counts
+
+
+def package_file(package: str, *parts: str, hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the {package} package is not installed: {hint}")
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the {package} package")
+    return path
+
+
+@dataclass(frozen=True)
+class Molecule:
+    id: str
+    smiles: str
+    formula: str
+    gap_ev: float
+    dipole: float
+
+
+@dataclass(frozen=True)
+class Peptide:
+    sequence: str
+    antimicrobial: bool
+
+
+def hill_formula(counts: list[int]) -> str:
+    """Counts in QM9's order H,C,N,O,F -> Hill formula (C first, then H, then alphabetical)."""
+    n = dict(zip(ELEMENTS, counts))
+    order = ["C", "H"] + sorted(e for e in ELEMENTS if e not in ("C", "H"))
+    return "".join(f"{e}{n[e] if n[e] > 1 else ''}" for e in order if n.get(e, 0) > 0)
+
+
+def load_qm9(limit: int | None = None) -> list[Molecule]:
+    """QM9 molecules from qm9pack's CSVs (130,831 in all), in file order."""
+    out: list[Molecule] = []
+    for part in (1, 2, 3):
+        path = package_file("qm9pack", "data", f"qm9_part{part}.csv", hint="pip install qm9pack")
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                counts = json.loads(row["Stoichiometry"])
+                out.append(
+                    Molecule(
+                        id=row["Index"],
+                        smiles=row["SMILES"],
+                        formula=hill_formula(counts),
+                        gap_ev=float(row["HOMO_LUMO_gap_au"]) * HARTREE_EV,
+                        dipole=float(row["Dipole_debye"]),
+                    )
+                )
+                if limit is not None and len(out) >= limit:
+                    return out
+    return out
+
+
+def load_amps(name: str = "AMPvsUniProt.csv") -> list[Peptide]:
+    """modlamp's peptide sets: sequence, label (1 = antimicrobial); first line is a header."""
+    path = package_file("modlamp", "data", name, hint="pip install --no-deps modlamp")
+    out = []
+    with path.open() as f:
+        next(f)
+        for line in f:
+            seq, _, label = line.strip().partition(",")
+            if seq:
+                out.append(Peptide(seq.strip(), label.strip() == "1"))
+    return out
+
+
+def split(items: list, n_train: int, n_eval: int, seed: int) -> tuple[list, list]:
+    """Disjoint train / held-out samples, shuffled with `seed`."""
+    if n_train + n_eval > len(items):
+        raise ValueError(f"asked for {n_train} + {n_eval} items, only {len(items)} exist")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in order[:n_train]], [items[i] for i in order[n_train : n_train + n_eval]]
