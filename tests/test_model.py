@@ -157,3 +157,22 @@ def test_hidden_size_mismatch_is_reported(tiny):
         XLoraModel.from_experts(load_base(base_dir), experts, XLoraConfig(hidden_size=99))
     with pytest.raises(XLoraConfigError, match="top_k_lora"):
         XLoraModel.from_experts(load_base(base_dir), experts, XLoraConfig(top_k_lora=5))
+
+
+def test_static_scalings_one_hot_is_the_plain_lora(tiny, padded_batch):
+    """One-hot static weights = that expert applied alone at full strength (PEFT's LoraModel)."""
+    from peft import PeftModel
+
+    base_dir, experts = tiny
+    m = XLoraModel.from_experts(load_base(base_dir), experts)
+    ids, mask = padded_batch
+    reference = PeftModel.from_pretrained(load_base(base_dir), experts["prot"]).eval()
+    with torch.no_grad(), m.static_scalings([0.0, 1.0, 0.0]):
+        got = m(input_ids=ids, attention_mask=mask).logits
+        gen = m.generate(ids, attention_mask=mask, max_new_tokens=5)
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert gen.shape == (3, 17)
+    with pytest.raises(ValueError, match="expected \\[3\\]"):
+        with m.static_scalings([1.0, 0.0]):
+            pass

@@ -166,8 +166,7 @@ def iter_generate(
                     scalings_seq = last_scalings[:, None]  # [b, 1, L, N]
                     cache_scaling = None  # never needed again
                 else:
-                    hidden = model.scaling_pass(cache=cache_scaling, **inputs, position_ids=pos)
-                    scalings_seq = model.predict_scalings(hidden)  # [b, T, L, N]
+                    scalings_seq = model.route(cache=cache_scaling, **inputs, position_ids=pos)  # [b, T, L, N]
                 with model.apply_scalings(scalings_seq):
                     out = model.base(
                         **inputs, position_ids=pos, **cache_kwargs(model.base, cache_real), logits_to_keep=1

@@ -67,6 +67,7 @@ class XLoraModel(nn.Module):
         self._latest_scalings: torch.Tensor | None = None
         self._experts_disabled = False
         self._expert_mask: torch.Tensor | None = None  # [N] bool, False = masked out
+        self._static: torch.Tensor | None = None  # [L, N] fixed scalings instead of the classifier
 
         ref = base.get_input_embeddings().weight
         layers: list[XLoraLinear] = []
@@ -213,6 +214,29 @@ class XLoraModel(nn.Module):
             out = decoder(**inputs, **cache_kwargs(decoder, cache))
         return out.last_hidden_state  # [B, T, H]
 
+    def route(self, cache: Any = None, **inputs: Any) -> torch.Tensor:
+        """Scalings `[B, T, L, N]` for these inputs: scaling pass + classifier, or the static ones."""
+        if self._static is not None:
+            ref = inputs.get("input_ids")
+            if ref is None:
+                ref = inputs["inputs_embeds"]
+            return self._static.to(self.device)[None, None].expand(ref.shape[0], ref.shape[1], -1, -1)
+        return self.predict_scalings(self.scaling_pass(cache=cache, **inputs))
+
+    @contextmanager
+    def static_scalings(self, weights: Sequence[float] | torch.Tensor) -> Iterator[None]:
+        """Inside, fixed expert weights replace the classifier (no scaling pass): `[N]` for every
+        module, or `[L, N]`. One-hot = that expert alone as a plain LoRA; 1/N each = a uniform mix."""
+        w = torch.as_tensor(weights, dtype=self.row_scale.dtype)
+        if w.shape[-1] != self.n_experts or w.dim() not in (1, 2):
+            raise ValueError(f"static_scalings: expected [{self.n_experts}] or [L, {self.n_experts}] weights")
+        previous = self._static
+        self._static = w.expand(self.n_layers, self.n_experts).clone() if w.dim() == 1 else w
+        try:
+            yield
+        finally:
+            self._static = previous
+
     @contextmanager
     def apply_scalings(self, scalings: torch.Tensor) -> Iterator[None]:
         """Inside, the adapted layers use `scalings` `[B, T, L, N]` (top-k applied here)."""
@@ -239,8 +263,7 @@ class XLoraModel(nn.Module):
         }
         if self._experts_disabled:
             return self.base(**inputs, labels=labels, **kwargs)
-        hidden = self.scaling_pass(**inputs)
-        scalings = self.predict_scalings(hidden)
+        scalings = self.route(**inputs)
         kwargs.setdefault("use_cache", False)
         with self.apply_scalings(scalings):
             return self.base(**inputs, labels=labels, **kwargs)
