@@ -1,0 +1,157 @@
+"""`xlora reproduce`, `xlora demo`, `xlora eval`, `xlora plot-scalings`: the science pipeline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli import _fail, app, out
+
+SHIPPED = "xlora-science"
+
+
+def shipped_checkpoint() -> Path | None:
+    """The checkpoint `xlora reproduce` produced: $XLORA_MODELS, ./models, or the source tree's models/."""
+    candidates = []
+    if os.environ.get("XLORA_MODELS"):
+        candidates.append(Path(os.environ["XLORA_MODELS"]) / SHIPPED)
+    candidates.append(Path.cwd() / "models" / SHIPPED)
+    candidates.append(Path(__file__).resolve().parents[2] / "models" / SHIPPED)  # editable install / checkout
+    return next((c for c in candidates if (c / "xlora_config.json").is_file()), None)
+
+
+@app.command()
+def reproduce(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the final checkpoint goes.")] = Path("models") / SHIPPED,
+    work: Annotated[Path, typer.Option(help="Data, runs and intermediate experts.")] = Path("xlora-reproduce"),
+    base: str = "default",
+    seed: int = 0,
+    n_train: int = 320,
+    n_eval: int = 24,
+    expert_steps: int = 100,
+    gate_steps: int = 80,
+) -> None:
+    """Train one expert per task, the gate, evaluate everything, write results.md and figures."""
+    from .science.evaluate import results_table
+    from .science.pipeline import ReproduceConfig
+    from .science.pipeline import reproduce as run
+
+    cfg = ReproduceConfig(
+        out=out_dir,
+        work=work,
+        base=base,
+        seed=seed,
+        n_train=n_train,
+        n_eval=n_eval,
+        expert_steps=expert_steps,
+        gate_steps=gate_steps,
+    )
+    try:
+        results = run(cfg)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+        return
+    out.print(results_table(results), soft_wrap=True, highlight=False)
+    out.print(f"checkpoint, results.md, manifest.json and figures/: {out_dir}", soft_wrap=True, highlight=False)
+
+
+DEMO_PROMPTS = {
+    "molecule-properties": "Molecule CC(=O)OC1=CC=CC=C1. Give its HOMO-LUMO gap in eV and its dipole in debye.",
+    "molecule-design": "Design a molecule with formula C4H5NO. Answer with a SMILES.",
+    "peptides": "Peptide GLFDIVKKVVGALGSL. Is it antimicrobial, and what is its net charge at pH 7?",
+}
+
+
+@app.command()
+def demo(
+    checkpoint: Annotated[Path | None, typer.Option(help="Default: the shipped models/xlora-science.")] = None,
+    figures: Annotated[Path, typer.Option(help="Where to write the routing figures.")] = Path("xlora-demo"),
+) -> None:
+    """Answer one prompt per task with the shipped X-LoRA model, show which expert led, plot routing."""
+    from .base_models import load_base
+    from .model import XLoraModel
+    from .science.figures import heatmaps, routing_for, token_weights
+    from .science.pipeline import MAX_NEW_TOKENS
+
+    ck = checkpoint or shipped_checkpoint()
+    if ck is None:
+        _fail("no shipped model found (models/xlora-science); make it with `xlora reproduce` (about 30 min on 2 cores)")
+        return
+    try:
+        base, tok = load_base("default")
+        model = XLoraModel.from_pretrained(base, ck)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+        return
+    out.print(f"X-LoRA over SmolLM2-135M-Instruct with experts: {', '.join(model.expert_names)}", highlight=False)
+    heat, lines = [], []
+    for task, prompt in DEMO_PROMPTS.items():
+        mean, tokens, weights, answer = routing_for(model, tok, prompt, MAX_NEW_TOKENS[task])
+        per_expert = weights.mean(0) if len(weights) else mean.mean(0)
+        lead = model.expert_names[int(per_expert.argmax())]
+        shares = ", ".join(f"{n} {w:.2f}" for n, w in zip(model.expert_names, per_expert.tolist()))
+        out.print(
+            f"\n[{task}] {prompt}\n  answer: {answer}\n  dominant expert: {lead} ({shares})",
+            soft_wrap=True,
+            highlight=False,
+        )
+        heat.append((task, mean))
+        lines.append((task, tokens, weights))
+    results = ck / "results.md"
+    if results.is_file():
+        out.print("\n" + results.read_text(), soft_wrap=True, highlight=False)
+    paths = [
+        heatmaps(heat, model.expert_names, figures / "routing_heatmap.png"),
+        token_weights(lines, model.expert_names, figures / "routing_tokens.png"),
+    ]
+    out.print("figures: " + ", ".join(str(p) for p in paths), soft_wrap=True, highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="An X-LoRA checkpoint.")],
+    task: Annotated[str, typer.Option(help="molecule-properties, molecule-design or peptides.")],
+    data: Annotated[Path, typer.Option(help="JSONL of {task, prompt, completion, meta} records.")],
+    base: str = "default",
+) -> None:
+    """Score a checkpoint on any file in a task's format (as `xlora reproduce` writes them)."""
+    from .base_models import load_base
+    from .model import XLoraModel
+    from .science.evaluate import generate_answers, read_items
+    from .science.pipeline import MAX_NEW_TOKENS
+    from .science.tasks import TASKS, score
+
+    if task not in TASKS:
+        _fail(f"--task: expected one of {', '.join(TASKS)}, got {task!r}")
+        return
+    try:
+        items = [i for i in read_items(data) if i.task == task]
+        if not items:
+            raise ValueError(f"{data}: no records for task {task}")
+        model_base, tok = load_base(base)
+        model = XLoraModel.from_pretrained(model_base, checkpoint)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+        return
+    answers = generate_answers(model, tok, items, MAX_NEW_TOKENS[task])
+    for k, v in score(task, items, answers).items():
+        out.print(f"{k}: {v:.4f}", highlight=False)
+
+
+@app.command("plot-scalings")
+def plot_scalings(
+    log: Annotated[Path, typer.Argument(help="The path given to flush_log_scalings.")],
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("scalings-figures"),
+) -> None:
+    """Turn a `flush_log_scalings` output into a heatmap and a per-token plot."""
+    from .science.figures import plot_log
+
+    try:
+        paths = plot_log(log, output)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+        return
+    out.print("figures: " + ", ".join(str(p) for p in paths), soft_wrap=True, highlight=False)

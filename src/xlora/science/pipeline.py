@@ -1,0 +1,212 @@
+"""`xlora reproduce`: data -> one expert per task -> the gate -> evaluation -> results and figures.
+
+Every stage writes its output once and is skipped when that output exists, so an interrupted run
+resumes (training stages also resume from their own checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from .datasets import load_amps, load_qm9, split
+from .tasks import TASKS, Item, design_item, peptide_items, property_item
+
+MAX_NEW_TOKENS = {"molecule-properties": 24, "molecule-design": 32, "peptides": 40}
+
+
+@dataclass
+class ReproduceConfig:
+    """Sizes chosen so the whole experiment runs in well under an hour on 2 CPU cores."""
+
+    out: Path = Path("models/xlora-science")  # the shipped checkpoint (small)
+    base: str = "default"  # the embedded SmolLM2, or a local model directory (tests use a tiny one)
+    work: Path = Path("xlora-reproduce")  # data files, runs, intermediate experts (not shipped)
+    seed: int = 0
+    n_train: int = 320  # per task
+    n_eval: int = 24  # per task
+    expert_steps: int = 100
+    gate_steps: int = 80
+    batch_size: int = 8
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    expert_lr: float = 1e-3
+    gate_lr: float = 2e-3
+    gate_size: int = 64
+    max_length: int = 128
+
+
+# ---------------------------------------------------------------------- data
+
+
+def build_items(cfg: ReproduceConfig) -> tuple[dict[str, list[Item]], dict[str, list[Item]], dict]:
+    """Train and held-out items per task, and the ids that went into training (for the manifest)."""
+    qm9 = load_qm9()
+    mol_train, mol_eval = split(qm9, 2 * cfg.n_train, 2 * cfg.n_eval, cfg.seed)
+    amps = load_amps()
+    pos = [p for p in amps if p.antimicrobial and 8 <= len(p.sequence) <= 30]
+    pep_train, pep_eval = split(amps, cfg.n_train // 2, cfg.n_eval // 2, cfg.seed)
+    held = {p.sequence for p in pep_train}
+    pos = [p for p in pos if p.sequence not in held]
+    des_train, des_eval = split(pos, cfg.n_train // 2, cfg.n_eval // 2, cfg.seed + 1)
+    train = {
+        "molecule-properties": [property_item(m) for m in mol_train[: cfg.n_train]],
+        "molecule-design": [design_item(m) for m in mol_train[cfg.n_train :]],
+        "peptides": [peptide_items(p, False) for p in pep_train] + [peptide_items(p, True) for p in des_train],
+    }
+    evals = {
+        "molecule-properties": [property_item(m) for m in mol_eval[: cfg.n_eval]],
+        "molecule-design": [design_item(m) for m in mol_eval[cfg.n_eval :]],
+        "peptides": [peptide_items(p, False) for p in pep_eval] + [peptide_items(p, True) for p in des_eval],
+    }
+    ids = {
+        "qm9_index_train": sorted(int(m.id) for m in mol_train),
+        "qm9_index_eval": sorted(int(m.id) for m in mol_eval),
+        "amp_sequences_train": sorted({p.sequence for p in pep_train} | {p.sequence for p in des_train}),
+    }
+    return train, evals, ids
+
+
+def chat_record(it: Item) -> dict:
+    return {"messages": [{"role": "user", "content": it.prompt}, {"role": "assistant", "content": it.answer}]}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def stage_data(cfg: ReproduceConfig) -> dict:
+    data = cfg.work / "data"
+    marker = data / "ids.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    train, evals, ids = build_items(cfg)
+    for task in TASKS:
+        write_jsonl(data / f"{task}-train.jsonl", [chat_record(i) for i in train[task]])
+        write_jsonl(data / f"{task}-eval-chat.jsonl", [chat_record(i) for i in evals[task]])
+        write_jsonl(data / f"{task}-eval.jsonl", [i.record() for i in evals[task]])
+    mix = [chat_record(i) for task in TASKS for i in train[task]]
+    write_jsonl(data / "mix-train.jsonl", mix)
+    marker.write_text(json.dumps(ids))
+    return ids
+
+
+# ---------------------------------------------------------------------- training
+
+
+def stage_experts(cfg: ReproduceConfig) -> dict[str, Path]:
+    from ..base_models import load_base
+    from ..data import load_dataset
+    from ..train import LoraOptions, train_expert
+    from ..training import TrainingArgs
+
+    experts = {}
+    for task in TASKS:
+        out = cfg.work / "experts" / task
+        experts[task] = out
+        if (out / "adapter_config.json").is_file():
+            continue
+        base, tok = load_base(cfg.base)
+        ds = load_dataset(cfg.work / "data" / f"{task}-train.jsonl", tok, cfg.max_length)
+        args = TrainingArgs(
+            output_dir=str(out),
+            run_dir=str(cfg.work / "runs" / task),
+            max_steps=cfg.expert_steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.expert_lr,
+            warmup_steps=5,
+            save_every=20,
+            seed=cfg.seed,
+            resume=True,
+        )
+        print(f"training expert {task} ({len(ds)} examples, {cfg.expert_steps} steps)")
+        train_expert(
+            base,
+            ds,
+            None,
+            args,
+            LoraOptions(cfg.rank, cfg.alpha, list(cfg.targets), dropout=0.0),
+            pad_token_id=tok.pad_token_id or 0,
+        )
+    return experts
+
+
+def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
+    from ..base_models import load_base
+    from ..config import XLoraConfig
+    from ..data import load_dataset
+    from ..model import XLoraModel
+    from ..train import train_gate
+    from ..training import TrainingArgs
+
+    if (cfg.out / "xlora_config.json").is_file():
+        return cfg.out
+    base, tok = load_base(cfg.base)
+    torch.manual_seed(cfg.seed)
+    config = XLoraConfig(xlora_depth=2, xlora_size=cfg.gate_size, layerwise_scalings=True, xlora_dropout_p=0.0)
+    model = XLoraModel.from_experts(base, experts, config, base_model_id=cfg.base)
+    ds = load_dataset(cfg.work / "data" / "mix-train.jsonl", tok, cfg.max_length)
+    args = TrainingArgs(
+        output_dir=str(cfg.out),
+        run_dir=str(cfg.work / "runs" / "gate"),
+        max_steps=cfg.gate_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.gate_lr,
+        warmup_steps=5,
+        save_every=20,
+        seed=cfg.seed,
+        resume=True,
+    )
+    print(f"training the gate ({len(ds)} examples, {cfg.gate_steps} steps)")
+    train_gate(model, ds, None, args, pad_token_id=tok.pad_token_id or 0)
+    return cfg.out
+
+
+# ---------------------------------------------------------------------- the main entry
+
+
+def reproduce(cfg: ReproduceConfig) -> dict:
+    """Run (or resume) the whole experiment; returns the results dict also written to disk."""
+    from .evaluate import evaluate_all, write_results
+    from .figures import write_figures
+
+    t0 = time.time()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    ids = stage_data(cfg)
+    experts = stage_experts(cfg)
+    t_experts = time.time() - t0
+    stage_gate(cfg, experts)
+    t_gate = time.time() - t0 - t_experts
+    results = evaluate_all(cfg)
+    write_figures(cfg.out, cfg.work / "data", base=cfg.base)
+    wall = {"experts_s": round(t_experts), "gate_s": round(t_gate), "total_s": round(time.time() - t0)}
+    write_results(cfg.out, results)
+    manifest = {
+        "command": "xlora reproduce",
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "data": {
+            "qm9pack": metadata.version("qm9pack"),
+            "modlamp": metadata.version("modlamp"),
+            "split": f"random, seed {cfg.seed}, disjoint train/held-out by molecule and by sequence",
+            **ids,
+        },
+        "machine": {"cores": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__},
+        "wall_time": wall,
+        "results": results,
+    }
+    tmp = cfg.out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(cfg.out / "manifest.json")
+    shutil.copy(cfg.out / "results.md", cfg.work / "results.md")
+    return results
