@@ -71,16 +71,19 @@ def load_qm9(limit: int | None = None) -> list[Molecule]:
     return out
 
 
-def load_amps(name: str = "AMPvsUniProt.csv") -> list[Peptide]:
-    """modlamp's peptide sets: sequence, label (1 = antimicrobial); first line is a header."""
+def load_amps(name: str = "AMPvsUniProt.csv", unique: bool = True) -> list[Peptide]:
+    """modlamp's peptide sets: sequence, label (1 = antimicrobial); first line is a header.
+    Some sequences occur twice; `unique` keeps the first, so splits by sequence stay disjoint."""
     path = package_file("modlamp", "data", name, hint="pip install --no-deps modlamp")
-    out = []
+    out, seen = [], set()
     with path.open() as f:
         next(f)
         for line in f:
             seq, _, label = line.strip().partition(",")
-            if seq:
-                out.append(Peptide(seq.strip(), label.strip() == "1"))
+            seq = seq.strip()
+            if seq and not (unique and seq in seen):
+                seen.add(seq)
+                out.append(Peptide(seq, label.strip() == "1"))
     return out
 
 

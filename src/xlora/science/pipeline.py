@@ -54,8 +54,8 @@ def build_items(cfg: ReproduceConfig) -> tuple[dict[str, list[Item]], dict[str, 
     amps = load_amps()
     pos = [p for p in amps if p.antimicrobial and 8 <= len(p.sequence) <= 30]
     pep_train, pep_eval = split(amps, cfg.n_train // 2, cfg.n_eval // 2, cfg.seed)
-    held = {p.sequence for p in pep_train}
-    pos = [p for p in pos if p.sequence not in held]
+    used = {p.sequence for p in pep_train} | {p.sequence for p in pep_eval}
+    pos = [p for p in pos if p.sequence not in used]  # every sequence in exactly one place
     des_train, des_eval = split(pos, cfg.n_train // 2, cfg.n_eval // 2, cfg.seed + 1)
     train = {
         "molecule-properties": [property_item(m) for m in mol_train[: cfg.n_train]],
@@ -71,6 +71,7 @@ def build_items(cfg: ReproduceConfig) -> tuple[dict[str, list[Item]], dict[str, 
         "qm9_index_train": sorted(int(m.id) for m in mol_train),
         "qm9_index_eval": sorted(int(m.id) for m in mol_eval),
         "amp_sequences_train": sorted({p.sequence for p in pep_train} | {p.sequence for p in des_train}),
+        "amp_sequences_eval": sorted({p.sequence for p in pep_eval} | {p.sequence for p in des_eval}),
     }
     return train, evals, ids
 

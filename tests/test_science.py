@@ -1,0 +1,113 @@
+"""Science pipeline: real data loaders, metrics on hand-made cases, a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import add_tiny_tokenizer, make_base
+
+from xlora.science.datasets import hill_formula, load_amps, load_qm9, split
+from xlora.science.tasks import Item, formula_of, net_charge, score
+
+
+@pytest.fixture(scope="module")
+def qm9():
+    return load_qm9()
+
+
+def test_qm9_rows_and_formulas(qm9):
+    assert len(qm9) == 130_831
+    assert qm9[0].smiles == "C" and qm9[0].formula == "CH4"
+    assert hill_formula([5, 4, 1, 1, 0]) == "C4H5NO"
+    # the formula built from QM9's Stoichiometry counts equals RDKit's for the molecule
+    for m in qm9[::2617]:
+        assert formula_of(m.smiles) == m.formula, m
+    gaps = [m.gap_ev for m in qm9[:1000]]
+    assert 1 < min(gaps) and max(gaps) < 20  # eV, converted from Hartree
+
+
+def test_amps_and_split():
+    raw = load_amps(unique=False)
+    assert len(raw) == 5200 and sum(p.antimicrobial for p in raw) == 2600
+    amps = load_amps()
+    assert len({p.sequence for p in amps}) == len(amps) < 5200
+    train, held = split(amps, 300, 50, seed=3)
+    assert len(train) == 300 and len(held) == 50
+    assert not {p.sequence for p in train} & {p.sequence for p in held}
+    assert split(amps, 300, 50, seed=3) == (train, held)  # fixed seed, same split
+    with pytest.raises(ValueError, match="only .* exist"):
+        split(amps, 5000, 500, seed=0)
+
+
+def test_net_charge():
+    # six lysines plus the termini at pH 7 (Biopython's pKa set): a little under +6
+    assert 5.5 < net_charge("KKKKKK") < 6.0
+    assert -6.5 < net_charge("DDDDEE") < -5.8
+    assert -0.5 < net_charge("GAGAGA") < 0.0  # only the termini, which nearly cancel
+
+
+def test_metrics_on_hand_made_cases():
+    props = [
+        Item("molecule-properties", "p", "", {"gap": 6.0, "dipole": 1.0}),
+        Item("molecule-properties", "p", "", {"gap": 8.0, "dipole": 2.0}),
+    ]
+    r = score("molecule-properties", props, ["gap 6.50 eV; dipole 1.00 D", "no numbers here"])
+    assert r["gap_mae_ev"] == pytest.approx(0.5) and r["parsed_rate"] == 0.5
+    design = [Item("molecule-design", "p", "", {"formula": "C2H6O"})] * 3
+    r = score("molecule-design", design, ["CCO", "C1CC", "CCC"], train_smiles={"CCO"})
+    assert r["valid_rate"] == pytest.approx(2 / 3) and r["exact_formula_rate"] == pytest.approx(1 / 3)
+    assert r["novel_rate"] == pytest.approx(1 / 3)  # CCC is valid and new; CCO is in the training set
+    peps = [
+        Item("peptides", "p", "", {"kind": "classify", "antimicrobial": True, "charge": 3.0}),
+        Item("peptides", "p", "", {"kind": "classify", "antimicrobial": False, "charge": 0.0}),
+        Item("peptides", "p", "", {"kind": "design", "length": 6, "charge": 6}),
+    ]
+    r = score("peptides", peps, ["antimicrobial: yes; charge +2.0", "antimicrobial: yes; charge +0.5", "KKKKKK"])
+    assert r["amp_accuracy"] == 0.5 and r["charge_mae"] == pytest.approx(0.75) and r["design_satisfied_rate"] == 1.0
+
+
+def test_tiny_end_to_end(tmp_path):
+    """The whole pipeline on a tiny local model: every artifact is produced."""
+    from xlora.science.pipeline import ReproduceConfig, reproduce
+
+    base = make_base(tmp_path / "tiny", layers=1)
+    add_tiny_tokenizer(base)
+    cfg = ReproduceConfig(
+        out=tmp_path / "ck",
+        work=tmp_path / "work",
+        base=str(base),
+        n_train=16,
+        n_eval=4,
+        expert_steps=2,
+        gate_steps=2,
+        batch_size=4,
+        gate_size=8,
+    )
+    torch.manual_seed(0)
+    results = reproduce(cfg)
+    assert set(results["models"]) == {
+        "base",
+        "expert molecule-properties",
+        "expert molecule-design",
+        "expert peptides",
+        "uniform mix (1/N)",
+        "X-LoRA (trained gate)",
+    }
+    for f in (
+        "xlora_config.json",
+        "xlora_classifier.safetensors",
+        "results.md",
+        "manifest.json",
+        "figures/routing_heatmap.png",
+        "figures/routing_tokens.png",
+    ):
+        assert (cfg.out / f).is_file(), f
+    manifest = json.loads((cfg.out / "manifest.json").read_text())
+    assert manifest["command"] == "xlora reproduce" and len(manifest["data"]["qm9_index_train"]) == 32
+    assert not set(manifest["data"]["qm9_index_train"]) & set(manifest["data"]["qm9_index_eval"])
+    assert not set(manifest["data"]["amp_sequences_train"]) & set(manifest["data"]["amp_sequences_eval"])
+    assert "| X-LoRA (trained gate) |" in (cfg.out / "results.md").read_text()
+    # resumable: a second call reuses every stage
+    assert reproduce(cfg) == results
