@@ -91,3 +91,12 @@ def add_tiny_tokenizer(model_dir: Path, vocab: int = 128) -> None:
         "{% if add_generation_prompt %}assistant {% endif %}"
     )
     fast.save_pretrained(model_dir)
+
+
+def sharpen(model, std: float = 0.5, seed: int = 0):
+    """Random classifier weights large enough that routing differs clearly between tokens."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.normal_(0.0, std)
+    return model

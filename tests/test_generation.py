@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import load_base
+from helpers import load_base, sharpen
 
 from xlora import XLoraConfig, XLoraModel
 from xlora.generation import _positions
@@ -16,10 +16,7 @@ def model(tiny) -> XLoraModel:
     m = XLoraModel.from_experts(
         load_base(base_dir), experts, XLoraConfig(xlora_depth=2, xlora_size=32, layerwise_scalings=True)
     )
-    torch.manual_seed(11)
-    with torch.no_grad():
-        for p in m.classifier.parameters():
-            p.normal_(0, 0.5)
+    sharpen(m, 0.5, seed=11)
     return m
 
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import load_base, make_adapter
+from helpers import load_base, make_adapter, sharpen
 from peft import PeftModel, get_peft_model
 from peft import XLoraConfig as PeftXLoraConfig
 from safetensors.torch import load_file, save_file
@@ -26,10 +26,7 @@ def model(tiny) -> XLoraModel:
     base_dir, experts = tiny
     cfg = XLoraConfig(xlora_depth=2, xlora_size=16, layerwise_scalings=True, softmax_temperature=0.7)
     m = XLoraModel.from_experts(load_base(base_dir), experts, cfg)
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for p in m.classifier.parameters():
-            p.normal_(0, 0.5)
+    sharpen(m, 0.5, seed=4)
     return m
 
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import load_base
+from helpers import load_base, sharpen
 from safetensors.torch import load_file, save_file
 
 from xlora import CheckpointError, ExpertError, XLoraConfig, XLoraModel
@@ -19,10 +19,7 @@ def model(tiny) -> XLoraModel:
     m = XLoraModel.from_experts(
         load_base(base_dir), experts, XLoraConfig(xlora_depth=3, xlora_size=16, layerwise_scalings=True)
     )
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in m.classifier.parameters():
-            p.normal_(0, 0.5)
+    sharpen(m, 0.5, seed=2)
     return m
 
 

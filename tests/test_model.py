@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import load_base
+from helpers import load_base, sharpen
 
 from xlora import XLoraConfig, XLoraConfigError, XLoraModel, load_scalings_log
 
@@ -14,10 +14,7 @@ def model(tiny) -> XLoraModel:
     base_dir, experts = tiny
     cfg = XLoraConfig(xlora_depth=2, xlora_size=32, layerwise_scalings=True, xlora_dropout_p=0.1)
     m = XLoraModel.from_experts(load_base(base_dir), experts, cfg)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in m.classifier.parameters():
-            p.normal_(0, 0.5)
+    sharpen(m, 0.5, seed=1)
     return m
 
 

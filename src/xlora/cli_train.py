@@ -11,14 +11,40 @@ from rich.console import Console
 from .cli import _fail, app, parse_experts
 
 if TYPE_CHECKING:
-    from .training import TrainingArgs
+    pass
 
 
-def _training_args(out: Path, **kw) -> TrainingArgs:
-    from .training import TrainingArgs
+TRAIN_KEYS = (
+    "steps",
+    "epochs",
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "scheduler",
+    "warmup_steps",
+    "max_grad_norm",
+    "eval_every",
+    "save_every",
+    "precision",
+    "seed",
+    "resume",
+)
 
-    steps = kw.pop("steps")
-    return TrainingArgs(output_dir=str(out), max_steps=steps, **kw)
+
+def _prepare(base, device, data, eval, max_length, out, run_dir, options: dict):
+    """What both training commands start with: process rank, base model, datasets, TrainingArgs."""
+    from .base_models import load_base
+    from .data import load_dataset
+    from .training import TrainingArgs, distributed
+
+    _, rank_id = distributed()
+    model, tokenizer = load_base(base, device=_device_for(device))
+    train_ds = load_dataset(data, tokenizer, max_length)
+    eval_ds = load_dataset(eval, tokenizer, max_length) if eval else None
+    options = dict(options)
+    steps = options.pop("steps")
+    args = TrainingArgs(output_dir=str(out), max_steps=steps, run_dir=str(run_dir) if run_dir else None, **options)
+    return rank_id, model, tokenizer, train_ds, eval_ds, args
 
 
 # Options shared by train-expert and train-gate (typer needs them spelled out per command).
@@ -56,32 +82,12 @@ def train_expert_cmd(
     device: str | None = None,
 ) -> None:
     """Train one LoRA expert (a plain PEFT adapter directory) on a data file."""
-    from .base_models import load_base
-    from .data import load_dataset
     from .train import LoraOptions, train_expert
-    from .training import distributed
 
     try:
-        world, rank_id = distributed()
-        model, tokenizer = load_base(base, device=_device_for(device))
-        train_ds = load_dataset(data, tokenizer, max_length)
-        eval_ds = load_dataset(eval, tokenizer, max_length) if eval else None
-        args = _training_args(
-            out,
-            steps=steps,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            scheduler=scheduler,
-            warmup_steps=warmup_steps,
-            max_grad_norm=max_grad_norm,
-            eval_every=eval_every,
-            save_every=save_every,
-            precision=precision,
-            seed=seed,
-            resume=resume,
-            run_dir=str(run_dir) if run_dir else None,
+        options = {k: v for k, v in locals().items() if k in TRAIN_KEYS}
+        rank_id, model, tokenizer, train_ds, eval_ds, args = _prepare(
+            base, device, data, eval, max_length, out, run_dir, options
         )
         lora = LoraOptions(
             rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",")], dropout=lora_dropout
@@ -130,16 +136,16 @@ def train_gate_cmd(
     """Train the X-LoRA gate (classifier only; base and experts frozen) and save the checkpoint."""
     import torch
 
-    from .base_models import load_base
     from .config import XLoraConfig
-    from .data import load_dataset
     from .model import XLoraModel
     from .train import train_gate
-    from .training import distributed
 
     try:
-        world, rank_id = distributed()
-        model_base, tokenizer = load_base(base, device=_device_for(device))
+        options = {k: v for k, v in locals().items() if k in TRAIN_KEYS}
+        options.update(entropy_weight=entropy_weight, balance_weight=balance_weight)
+        rank_id, model_base, tokenizer, train_ds, eval_ds, args = _prepare(
+            base, device, data, eval, max_length, out, run_dir, options
+        )
         config = XLoraConfig(
             xlora_depth=depth,
             xlora_size=size,
@@ -151,27 +157,6 @@ def train_gate_cmd(
         )
         torch.manual_seed(seed)  # classifier init
         model = XLoraModel.from_experts(model_base, parse_experts(experts), config, base_model_id=base)
-        train_ds = load_dataset(data, tokenizer, max_length)
-        eval_ds = load_dataset(eval, tokenizer, max_length) if eval else None
-        args = _training_args(
-            out,
-            steps=steps,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            scheduler=scheduler,
-            warmup_steps=warmup_steps,
-            max_grad_norm=max_grad_norm,
-            eval_every=eval_every,
-            save_every=save_every,
-            precision=precision,
-            seed=seed,
-            resume=resume,
-            run_dir=str(run_dir) if run_dir else None,
-            entropy_weight=entropy_weight,
-            balance_weight=balance_weight,
-        )
         records = train_gate(model, train_ds, eval_ds, args, pad_token_id=_pad_id(tokenizer))
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))

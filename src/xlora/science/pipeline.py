@@ -106,11 +106,27 @@ def stage_data(cfg: ReproduceConfig) -> dict:
 # ---------------------------------------------------------------------- training
 
 
+def stage_args(cfg: ReproduceConfig, out: Path, run: str, steps: int, lr: float):
+    """Training options of a stage: resumable, checkpointed every 20 steps, seeded."""
+    from ..training import TrainingArgs
+
+    return TrainingArgs(
+        output_dir=str(out),
+        run_dir=str(cfg.work / "runs" / run),
+        max_steps=steps,
+        batch_size=cfg.batch_size,
+        lr=lr,
+        warmup_steps=5,
+        save_every=20,
+        seed=cfg.seed,
+        resume=True,
+    )
+
+
 def stage_experts(cfg: ReproduceConfig) -> dict[str, Path]:
     from ..base_models import load_base
     from ..data import load_dataset
     from ..train import LoraOptions, train_expert
-    from ..training import TrainingArgs
 
     experts = {}
     for task in TASKS:
@@ -120,17 +136,7 @@ def stage_experts(cfg: ReproduceConfig) -> dict[str, Path]:
             continue
         base, tok = load_base(cfg.base)
         ds = load_dataset(cfg.work / "data" / f"{task}-train.jsonl", tok, cfg.max_length)
-        args = TrainingArgs(
-            output_dir=str(out),
-            run_dir=str(cfg.work / "runs" / task),
-            max_steps=cfg.expert_steps,
-            batch_size=cfg.batch_size,
-            lr=cfg.expert_lr,
-            warmup_steps=5,
-            save_every=20,
-            seed=cfg.seed,
-            resume=True,
-        )
+        args = stage_args(cfg, out, task, cfg.expert_steps, cfg.expert_lr)
         print(f"training expert {task} ({len(ds)} examples, {cfg.expert_steps} steps)")
         train_expert(
             base,
@@ -149,7 +155,6 @@ def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
     from ..data import load_dataset
     from ..model import XLoraModel
     from ..train import train_gate
-    from ..training import TrainingArgs
 
     if (cfg.out / "xlora_config.json").is_file():
         return cfg.out
@@ -158,17 +163,7 @@ def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
     config = XLoraConfig(xlora_depth=2, xlora_size=cfg.gate_size, layerwise_scalings=True, xlora_dropout_p=0.0)
     model = XLoraModel.from_experts(base, experts, config, base_model_id=cfg.base)
     ds = load_dataset(cfg.work / "data" / "mix-train.jsonl", tok, cfg.max_length)
-    args = TrainingArgs(
-        output_dir=str(cfg.out),
-        run_dir=str(cfg.work / "runs" / "gate"),
-        max_steps=cfg.gate_steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.gate_lr,
-        warmup_steps=5,
-        save_every=20,
-        seed=cfg.seed,
-        resume=True,
-    )
+    args = stage_args(cfg, cfg.out, "gate", cfg.gate_steps, cfg.gate_lr)
     print(f"training the gate ({len(ds)} examples, {cfg.gate_steps} steps)")
     train_gate(model, ds, None, args, pad_token_id=tok.pad_token_id or 0)
     return cfg.out
