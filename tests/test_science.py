@@ -110,4 +110,39 @@ def test_tiny_end_to_end(tmp_path):
     assert not set(manifest["data"]["amp_sequences_train"]) & set(manifest["data"]["amp_sequences_eval"])
     assert "| X-LoRA (trained gate) |" in (cfg.out / "results.md").read_text()
     # resumable: a second call reuses every stage
-    assert reproduce(cfg) == results
+    assert json.dumps(reproduce(cfg), sort_keys=True) == json.dumps(results, sort_keys=True)  # NaN-safe
+
+
+def test_plot_scalings_cli(tiny, tmp_path):
+    from helpers import load_base
+    from typer.testing import CliRunner
+
+    from xlora import XLoraModel
+    from xlora.cli import app
+
+    base_dir, experts = tiny
+    m = XLoraModel.from_experts(load_base(base_dir), experts)
+    m.enable_scalings_logging()
+    m.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4)
+    m.flush_log_scalings(tmp_path / "log")
+    r = CliRunner().invoke(app, ["plot-scalings", str(tmp_path / "log"), "-o", str(tmp_path / "fig")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "fig" / "scalings_heatmap.png").stat().st_size > 1000
+    assert (tmp_path / "fig" / "scalings_tokens.png").stat().st_size > 1000
+    r = CliRunner().invoke(app, ["plot-scalings", str(tmp_path / "nothing")])
+    assert r.exit_code == 2 and "not found" in r.output
+
+
+@pytest.mark.embedded
+def test_shipped_demo_answers(tmp_path):
+    """The committed models/xlora-science checkpoint loads on the embedded base and answers."""
+    from typer.testing import CliRunner
+
+    from xlora.cli import app
+    from xlora.cli_science import shipped_checkpoint
+
+    assert shipped_checkpoint() is not None, "models/xlora-science is missing: run `xlora reproduce`"
+    r = CliRunner().invoke(app, ["demo", "--figures", str(tmp_path / "fig")])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("dominant expert:") == 3 and "| X-LoRA (trained gate) |" in r.output
+    assert (tmp_path / "fig" / "routing_heatmap.png").is_file()
