@@ -163,7 +163,7 @@ def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
     config = XLoraConfig(xlora_depth=2, xlora_size=cfg.gate_size, layerwise_scalings=True, xlora_dropout_p=0.0)
     model = XLoraModel.from_experts(base, experts, config, base_model_id=cfg.base)
     ds = load_dataset(cfg.work / "data" / "mix-train.jsonl", tok, cfg.max_length)
-    args = stage_args(cfg, cfg.out, "gate", cfg.gate_steps, cfg.gate_lr)
+    args = stage_args(cfg, cfg.out, f"gate-{cfg.out.name}", cfg.gate_steps, cfg.gate_lr)
     print(f"training the gate ({len(ds)} examples, {cfg.gate_steps} steps)")
     train_gate(model, ds, None, args, pad_token_id=tok.pad_token_id or 0)
     return cfg.out
