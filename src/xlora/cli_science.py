@@ -86,7 +86,11 @@ def demo(
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
         return
-    out.print(f"X-LoRA over SmolLM2-135M-Instruct with experts: {', '.join(model.expert_names)}", highlight=False)
+    out.print(
+        f"X-LoRA over SmolLM2-135M-Instruct with experts: {', '.join(model.expert_names)}",
+        highlight=False,
+        soft_wrap=True,
+    )
     heat, lines = [], []
     for task, prompt in DEMO_PROMPTS.items():
         mean, tokens, weights, answer = routing_for(model, tok, prompt, MAX_NEW_TOKENS[task])
@@ -97,6 +101,7 @@ def demo(
             f"\n[{task}] {prompt}\n  answer: {answer}\n  dominant expert: {lead} ({shares})",
             soft_wrap=True,
             highlight=False,
+            markup=False,
         )
         heat.append((task, mean))
         lines.append((task, tokens, weights))
