@@ -32,7 +32,7 @@ def reproduce(
     n_train: int = 320,
     n_eval: int = 24,
     expert_steps: int = 100,
-    gate_steps: int = 80,
+    gate_steps: int = 240,
 ) -> None:
     """Train one expert per task, the gate, evaluate everything, write results.md and figures."""
     from .science.evaluate import results_table
