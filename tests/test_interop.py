@@ -30,6 +30,18 @@ def model(tiny) -> XLoraModel:
     return m
 
 
+def peft_xlora(base_dir, experts):
+    """PEFT's own X-LoRA model over the tiny experts (PEFT needs the names "0".."N-1")."""
+    cfg = PeftXLoraConfig(
+        task_type="CAUSAL_LM",
+        hidden_size=64,
+        xlora_depth=2,
+        xlora_size=16,
+        adapters={str(i): str(p) for i, p in enumerate(experts.values())},
+    )
+    return get_peft_model(load_base(base_dir), cfg)
+
+
 def logits(m, ids):
     with torch.no_grad():
         return m(input_ids=ids).logits
@@ -117,14 +129,7 @@ def test_original_layout_fixture(tiny, tmp_path, padded_batch):
 def test_peft_checkpoint_missing_classifier_is_refused(tiny, tmp_path):
     """PEFT 0.21 writes X-LoRA directories with part of the classifier: we must refuse them."""
     base_dir, experts = tiny
-    cfg = PeftXLoraConfig(
-        task_type="CAUSAL_LM",
-        hidden_size=64,
-        xlora_depth=2,
-        xlora_size=16,
-        adapters={str(i): str(p) for i, p in enumerate(experts.values())},
-    )
-    get_peft_model(load_base(base_dir), cfg).save_pretrained(tmp_path / "peft_saved")
+    peft_xlora(base_dir, experts).save_pretrained(tmp_path / "peft_saved")
     keys = load_file(str(tmp_path / "peft_saved" / "adapter_model.safetensors"))
     assert not any("layers.0" in k for k in keys), "PEFT fixed its save bug: update this test"
     base = load_base(base_dir)
@@ -137,14 +142,7 @@ def test_peft_directory_with_full_classifier_loads(tiny, tmp_path, padded_batch)
     """A PEFT directory whose classifier is complete (as PEFT < 0.20 wrote) loads, with `adapters`
     overriding the stored paths, and equals PEFT's own model."""
     base_dir, experts = tiny
-    cfg = PeftXLoraConfig(
-        task_type="CAUSAL_LM",
-        hidden_size=64,
-        xlora_depth=2,
-        xlora_size=16,
-        adapters={str(i): str(p) for i, p in enumerate(experts.values())},
-    )
-    pm = get_peft_model(load_base(base_dir), cfg).eval()
+    pm = peft_xlora(base_dir, experts).eval()
     pm.save_pretrained(tmp_path / "p")
     full = {k: v for k, v in pm.state_dict().items() if "internal_xlora_classifier" in k}
     save_file({k: v.contiguous() for k, v in full.items()}, str(tmp_path / "p" / "adapter_model.safetensors"))
