@@ -107,7 +107,10 @@ def test_sampling_seeded(served):
     kw = dict(model=NAME, messages=[{"role": "user", "content": "w9"}], max_tokens=10, temperature=1.5, top_p=0.95)
     a = client.chat.completions.create(seed=3, **kw).choices[0].message.content
     b = client.chat.completions.create(seed=3, **kw).choices[0].message.content
-    assert a == b
+    others = {client.chat.completions.create(seed=k, **kw).choices[0].message.content for k in (4, 5, 6)}
+    greedy = client.chat.completions.create(**{**kw, "temperature": 0}).choices[0].message.content
+    assert a == b  # the seed is honoured
+    assert others - {a} and (others | {a}) - {greedy}  # and it really samples (not greedy, not fixed)
 
 
 def test_scalings_extension(served):

@@ -75,9 +75,20 @@ def test_gate_training_is_reproducible_and_learns(setup, tmp_path):
 
 
 def test_regularisers_change_routing(setup, tmp_path):
-    _, plain = run_gate(setup, tmp_path / "p", max_steps=4)
-    _, reg = run_gate(setup, tmp_path / "r", max_steps=4, entropy_weight=1.0, balance_weight=5.0)
-    assert [r["loss"] for r in plain if "loss" in r] != [r["loss"] for r in reg if "loss" in r]
+    def entropy(model):
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[8, 9, 10, 11, 12]]))
+        sc = model.get_latest_scalings()
+        return float(-(sc * sc.clamp_min(1e-12).log()).sum(-1).mean())
+
+    plain, _ = run_gate(setup, tmp_path / "p", max_steps=8)
+    sharp, _ = run_gate(setup, tmp_path / "s", max_steps=8, entropy_weight=1.0)
+    smooth, _ = run_gate(setup, tmp_path / "m", max_steps=8, entropy_weight=-1.0)
+    assert entropy(sharp) < entropy(plain) < entropy(smooth)  # w > 0 sharper, w < 0 smoother
+    _, bal = run_gate(setup, tmp_path / "b", max_steps=4, balance_weight=5.0)
+    _, ref = run_gate(setup, tmp_path / "q", max_steps=4)
+    assert [r["loss"] for r in bal if "loss" in r] != [r["loss"] for r in ref if "loss" in r]
 
 
 def cli(*args, env=None, timeout=300):
