@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import add_tiny_tokenizer, make_base
 
-from xlora.science.datasets import hill_formula, load_amps, load_qm9, split
+from xlora.science.datasets import hill_formula, load_amps, load_qm9, split, split3
 from xlora.science.tasks import Item, formula_of, net_charge, score
 
 
@@ -37,6 +37,9 @@ def test_amps_and_split():
     assert len(train) == 300 and len(held) == 50
     assert not {p.sequence for p in train} & {p.sequence for p in held}
     assert split(amps, 300, 50, seed=3) == (train, held)  # fixed seed, same split
+    a, b, extra = split3(amps, 300, 50, 100, seed=3)
+    assert (a, b) == (train, held) and len(extra) == 100  # extra items never move the first two
+    assert not {p.sequence for p in extra} & {p.sequence for p in train + held}
     with pytest.raises(ValueError, match="only .* exist"):
         split(amps, 5000, 500, seed=0)
 
@@ -84,6 +87,8 @@ def test_tiny_end_to_end(tmp_path):
         gate_steps=2,
         batch_size=4,
         gate_size=8,
+        gate_fresh=4,
+        gate_softmax=False,
     )
     torch.manual_seed(0)
     results = reproduce(cfg)
@@ -108,6 +113,13 @@ def test_tiny_end_to_end(tmp_path):
     assert manifest["command"] == "xlora reproduce" and len(manifest["data"]["qm9_index_train"]) == 32
     assert not set(manifest["data"]["qm9_index_train"]) & set(manifest["data"]["qm9_index_eval"])
     assert not set(manifest["data"]["amp_sequences_train"]) & set(manifest["data"]["amp_sequences_eval"])
+    # fresh gate examples: disjoint from both, and the gate trained on them as well
+    data = manifest["data"]
+    assert len(data["qm9_index_gate"]) == 8 and len(data["amp_sequences_gate"]) == 4
+    assert not set(data["qm9_index_gate"]) & (set(data["qm9_index_train"]) | set(data["qm9_index_eval"]))
+    assert not set(data["amp_sequences_gate"]) & (set(data["amp_sequences_train"]) | set(data["amp_sequences_eval"]))
+    assert len((cfg.work / "data" / "gate-train.jsonl").read_text().splitlines()) == 3 * 16 + 3 * 4
+    assert json.loads((cfg.out / "xlora_config.json").read_text())["enable_softmax"] is False
     assert "| X-LoRA (trained gate) |" in (cfg.out / "results.md").read_text()
     # resumable: a second call reuses every stage
     assert json.dumps(reproduce(cfg), sort_keys=True) == json.dumps(results, sort_keys=True)  # NaN-safe

@@ -33,6 +33,11 @@ def reproduce(
     n_eval: int = 24,
     expert_steps: int = 100,
     gate_steps: int = 240,
+    gate_lr: float = 2e-3,
+    gate_size: int = 64,
+    gate_depth: int = 2,
+    gate_softmax: Annotated[bool, typer.Option(help="--no-gate-softmax: unconstrained scalings.")] = True,
+    gate_layerwise: Annotated[bool, typer.Option(help="One scaling per adapted module (else one per expert).")] = True,
 ) -> None:
     """Train one expert per task, the gate, evaluate everything, write results.md and figures."""
     from .science.evaluate import results_table
@@ -48,6 +53,11 @@ def reproduce(
         n_eval=n_eval,
         expert_steps=expert_steps,
         gate_steps=gate_steps,
+        gate_lr=gate_lr,
+        gate_size=gate_size,
+        gate_depth=gate_depth,
+        gate_softmax=gate_softmax,
+        gate_layerwise=gate_layerwise,
     )
     try:
         results = run(cfg)

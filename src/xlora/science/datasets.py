@@ -89,8 +89,16 @@ def load_amps(name: str = "AMPvsUniProt.csv", unique: bool = True) -> list[Pepti
 
 def split(items: list, n_train: int, n_eval: int, seed: int) -> tuple[list, list]:
     """Disjoint train / held-out samples, shuffled with `seed`."""
-    if n_train + n_eval > len(items):
-        raise ValueError(f"asked for {n_train} + {n_eval} items, only {len(items)} exist")
+    train, held_out, _ = split3(items, n_train, n_eval, 0, seed)
+    return train, held_out
+
+
+def split3(items: list, n_train: int, n_eval: int, n_extra: int, seed: int) -> tuple[list, list, list]:
+    """`split` plus a third disjoint sample taken after the first two, so asking for extra items
+    never changes the train and held-out sets."""
+    if n_train + n_eval + n_extra > len(items):
+        raise ValueError(f"asked for {n_train} + {n_eval} + {n_extra} items, only {len(items)} exist")
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    return [items[i] for i in order[:n_train]], [items[i] for i in order[n_train : n_train + n_eval]]
+    a, b = n_train + n_eval, n_train + n_eval + n_extra
+    return [items[i] for i in order[:n_train]], [items[i] for i in order[n_train:a]], [items[i] for i in order[a:b]]

@@ -22,7 +22,8 @@ def heatmaps(panels: list[tuple[str, torch.Tensor]], experts: list[str], path: P
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 6), squeeze=False)
     for ax, (title, s) in zip(axes[0], panels):
-        im = ax.imshow(s.float().numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=max(float(s.max()), 1e-6))
+        lo = min(float(s.min()), 0.0)  # unconstrained (no-softmax) scalings can be negative
+        im = ax.imshow(s.float().numpy(), aspect="auto", cmap="viridis", vmin=lo, vmax=max(float(s.max()), lo + 1e-6))
         ax.set_title(title, fontsize=9)
         ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right", fontsize=7)
         ax.set_ylabel("adapted module (0 = first)")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .datasets import load_amps, load_qm9, split
+from .datasets import load_amps, load_qm9, split3
 from .tasks import TASKS, Item, design_item, peptide_items, property_item
 
 MAX_NEW_TOKENS = {"molecule-properties": 24, "molecule-design": 32, "peptides": 40}
@@ -41,39 +41,61 @@ class ReproduceConfig:
     expert_lr: float = 1e-3
     gate_lr: float = 2e-3
     gate_size: int = 64
+    gate_depth: int = 2
+    gate_softmax: bool = True  # False: unconstrained scalings (the gate may also scale an expert up)
+    gate_layerwise: bool = True
+    gate_fresh: int = 0  # per task: extra gate-training examples the experts never saw
     max_length: int = 128
 
 
 # ---------------------------------------------------------------------- data
 
 
-def build_items(cfg: ReproduceConfig) -> tuple[dict[str, list[Item]], dict[str, list[Item]], dict]:
-    """Train and held-out items per task, and the ids that went into training (for the manifest)."""
-    qm9 = load_qm9()
-    mol_train, mol_eval = split(qm9, 2 * cfg.n_train, 2 * cfg.n_eval, cfg.seed)
+ItemsByTask = dict[str, list[Item]]
+
+
+def build_items(cfg: ReproduceConfig) -> tuple[ItemsByTask, ItemsByTask, ItemsByTask, dict]:
+    """Train, held-out and fresh gate items per task, and the ids of each (for the manifest).
+
+    The fresh gate items come after the train and held-out samples in the same shuffled orders, so
+    `gate_fresh` never changes what the experts train on or what is evaluated."""
+    nt, ne, ng = cfg.n_train, cfg.n_eval, cfg.gate_fresh
+    mol_train, mol_eval, mol_gate = split3(load_qm9(), 2 * nt, 2 * ne, 2 * ng, cfg.seed)
     amps = load_amps()
     pos = [p for p in amps if p.antimicrobial and 8 <= len(p.sequence) <= 30]
-    pep_train, pep_eval = split(amps, cfg.n_train // 2, cfg.n_eval // 2, cfg.seed)
+    pep_train, pep_eval, pep_rest = split3(amps, nt // 2, ne // 2, len(amps) - nt // 2 - ne // 2, cfg.seed)
     used = {p.sequence for p in pep_train} | {p.sequence for p in pep_eval}
     pos = [p for p in pos if p.sequence not in used]  # every sequence in exactly one place
-    des_train, des_eval = split(pos, cfg.n_train // 2, cfg.n_eval // 2, cfg.seed + 1)
-    train = {
-        "molecule-properties": [property_item(m) for m in mol_train[: cfg.n_train]],
-        "molecule-design": [design_item(m) for m in mol_train[cfg.n_train :]],
-        "peptides": [peptide_items(p, False) for p in pep_train] + [peptide_items(p, True) for p in des_train],
-    }
-    evals = {
-        "molecule-properties": [property_item(m) for m in mol_eval[: cfg.n_eval]],
-        "molecule-design": [design_item(m) for m in mol_eval[cfg.n_eval :]],
-        "peptides": [peptide_items(p, False) for p in pep_eval] + [peptide_items(p, True) for p in des_eval],
-    }
+    des_train, des_eval, des_rest = split3(pos, nt // 2, ne // 2, len(pos) - nt // 2 - ne // 2, cfg.seed + 1)
+    used |= {p.sequence for p in des_train} | {p.sequence for p in des_eval}
+    pep_gate = [p for p in pep_rest if p.sequence not in used][: ng // 2]
+    used |= {p.sequence for p in pep_gate}
+    des_gate = [p for p in des_rest if p.sequence not in used][: ng // 2]
+
+    def tasks(mol: list, pep: list, des: list, n: int) -> ItemsByTask:
+        return {
+            "molecule-properties": [property_item(m) for m in mol[:n]],
+            "molecule-design": [design_item(m) for m in mol[n:]],
+            "peptides": [peptide_items(p, False) for p in pep] + [peptide_items(p, True) for p in des],
+        }
+
+    def seqs(*groups: list) -> list[str]:
+        return sorted({p.sequence for g in groups for p in g})
+
     ids = {
         "qm9_index_train": sorted(int(m.id) for m in mol_train),
         "qm9_index_eval": sorted(int(m.id) for m in mol_eval),
-        "amp_sequences_train": sorted({p.sequence for p in pep_train} | {p.sequence for p in des_train}),
-        "amp_sequences_eval": sorted({p.sequence for p in pep_eval} | {p.sequence for p in des_eval}),
+        "amp_sequences_train": seqs(pep_train, des_train),
+        "amp_sequences_eval": seqs(pep_eval, des_eval),
     }
-    return train, evals, ids
+    if ng:
+        ids |= {"qm9_index_gate": sorted(int(m.id) for m in mol_gate), "amp_sequences_gate": seqs(pep_gate, des_gate)}
+    return (
+        tasks(mol_train, pep_train, des_train, nt),
+        tasks(mol_eval, pep_eval, des_eval, ne),
+        tasks(mol_gate, pep_gate, des_gate, ng),
+        ids,
+    )
 
 
 def chat_record(it: Item) -> dict:
@@ -91,14 +113,18 @@ def stage_data(cfg: ReproduceConfig) -> dict:
     data = cfg.work / "data"
     marker = data / "ids.json"
     if marker.is_file():
-        return json.loads(marker.read_text())
-    train, evals, ids = build_items(cfg)
+        ids = json.loads(marker.read_text())
+        if len(ids.get("qm9_index_gate", [])) == 2 * cfg.gate_fresh:
+            return ids
+    train, evals, fresh, ids = build_items(cfg)
     for task in TASKS:
         write_jsonl(data / f"{task}-train.jsonl", [chat_record(i) for i in train[task]])
         write_jsonl(data / f"{task}-eval-chat.jsonl", [chat_record(i) for i in evals[task]])
         write_jsonl(data / f"{task}-eval.jsonl", [i.record() for i in evals[task]])
     mix = [chat_record(i) for task in TASKS for i in train[task]]
     write_jsonl(data / "mix-train.jsonl", mix)
+    fresh_records = [chat_record(i) for task in TASKS for i in fresh[task]]
+    write_jsonl(data / "gate-train.jsonl", mix + fresh_records)  # the experts' data + examples they never saw
     marker.write_text(json.dumps(ids))
     return ids
 
@@ -171,9 +197,15 @@ def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
         return cfg.out
     base, tok = load_base(cfg.base)
     torch.manual_seed(cfg.seed)
-    config = XLoraConfig(xlora_depth=2, xlora_size=cfg.gate_size, layerwise_scalings=True, xlora_dropout_p=0.0)
+    config = XLoraConfig(
+        xlora_depth=cfg.gate_depth,
+        xlora_size=cfg.gate_size,
+        layerwise_scalings=cfg.gate_layerwise,
+        enable_softmax=cfg.gate_softmax,
+        xlora_dropout_p=0.0,
+    )
     model = XLoraModel.from_experts(base, experts, config, base_model_id=cfg.base)
-    ds = load_dataset(cfg.work / "data" / "mix-train.jsonl", tok, cfg.max_length)
+    ds = load_dataset(cfg.work / "data" / "gate-train.jsonl", tok, cfg.max_length)
     args = stage_args(cfg, cfg.out, f"gate-{cfg.out.name}", cfg.gate_steps, cfg.gate_lr)
     print(f"training the gate ({len(ds)} examples, {cfg.gate_steps} steps)")
     t0 = time.time()
