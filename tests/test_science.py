@@ -123,6 +123,33 @@ def test_tiny_end_to_end(tmp_path):
     assert "| X-LoRA (trained gate) |" in (cfg.out / "results.md").read_text()
     # resumable: a second call reuses every stage
     assert json.dumps(reproduce(cfg), sort_keys=True) == json.dumps(results, sort_keys=True)  # NaN-safe
+    check_forced_routing(cfg)
+
+
+def check_forced_routing(cfg) -> None:
+    """experiments/routing_diagnostics.py: forcing one expert everywhere must equal that expert alone,
+    and forcing it only on the prompt must differ (the answer keeps the gate's scalings)."""
+    import importlib.util
+    from pathlib import Path
+
+    from xlora.base_models import load_base
+    from xlora.model import XLoraModel
+    from xlora.science.evaluate import eval_loss
+
+    script = Path(__file__).parents[1] / "experiments" / "routing_diagnostics.py"
+    spec = importlib.util.spec_from_file_location("routing_diagnostics", script)
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    base, tok = load_base(cfg.base)
+    model = XLoraModel.from_pretrained(base, cfg.out).eval()
+    path = cfg.work / "data" / "peptides-eval-chat.jsonl"
+    k = model.expert_names.index("peptides")
+    forced = diag.forced_loss(model, tok, path, k, diag.WHERE["everywhere (= single expert)"], 0)
+    with model.static_scalings([1.0 if j == k else 0.0 for j in range(model.n_experts)]):
+        alone = eval_loss(model, tok, path)
+    assert abs(forced - alone) < 1e-5
+    prompt_only = diag.forced_loss(model, tok, path, k, diag.WHERE["whole prompt"], 0)
+    assert abs(prompt_only - alone) > 1e-6 and abs(prompt_only - eval_loss(model, tok, path)) > 1e-6
 
 
 def test_plot_scalings_cli(tiny, tmp_path):

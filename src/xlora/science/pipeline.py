@@ -186,30 +186,40 @@ def record_time(cfg: ReproduceConfig, stage: str, seconds: float) -> None:
     path.write_text(json.dumps(times, indent=1))
 
 
-def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
-    from ..base_models import load_base
+def gate_config(cfg: ReproduceConfig):
+    """The X-LoRA classifier the reproduce run trains."""
     from ..config import XLoraConfig
-    from ..data import load_dataset
-    from ..model import XLoraModel
-    from ..train import train_gate
 
-    if (cfg.out / "xlora_config.json").is_file():
-        return cfg.out
-    base, tok = load_base(cfg.base)
-    torch.manual_seed(cfg.seed)
-    config = XLoraConfig(
+    return XLoraConfig(
         xlora_depth=cfg.gate_depth,
         xlora_size=cfg.gate_size,
         layerwise_scalings=cfg.gate_layerwise,
         enable_softmax=cfg.gate_softmax,
         xlora_dropout_p=0.0,
     )
-    model = XLoraModel.from_experts(base, experts, config, base_model_id=cfg.base)
-    ds = load_dataset(cfg.work / "data" / "gate-train.jsonl", tok, cfg.max_length)
-    args = stage_args(cfg, cfg.out, f"gate-{cfg.out.name}", cfg.gate_steps, cfg.gate_lr)
+
+
+def train_gate_stage(cfg: ReproduceConfig, experts: dict[str, Path], out: Path, run: str, data: Path) -> None:
+    """Train a gate over `experts` on the chat records in `data`; the checkpoint goes to `out`."""
+    from ..base_models import load_base
+    from ..data import load_dataset
+    from ..model import XLoraModel
+    from ..train import train_gate
+
+    base, tok = load_base(cfg.base)
+    torch.manual_seed(cfg.seed)
+    model = XLoraModel.from_experts(base, experts, gate_config(cfg), base_model_id=cfg.base)
+    ds = load_dataset(data, tok, cfg.max_length)
+    args = stage_args(cfg, out, run, cfg.gate_steps, cfg.gate_lr)
     print(f"training the gate ({len(ds)} examples, {cfg.gate_steps} steps)")
-    t0 = time.time()
     train_gate(model, ds, None, args, pad_token_id=tok.pad_token_id or 0)
+
+
+def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
+    if (cfg.out / "xlora_config.json").is_file():
+        return cfg.out
+    t0 = time.time()
+    train_gate_stage(cfg, experts, cfg.out, f"gate-{cfg.out.name}", cfg.work / "data" / "gate-train.jsonl")
     record_time(cfg, "gate", time.time() - t0)
     return cfg.out
 
