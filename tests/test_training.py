@@ -276,3 +276,15 @@ def test_hf_trainer(setup, tmp_path):
     ids = torch.tensor([[4, 5, 6]])
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_resume_into_another_models_checkpoint_fails_clearly(setup, tmp_path):
+    run_gate(setup, tmp_path / "g", max_steps=2, save_every=2)
+    base_dir, experts, data, _ = setup
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    torch.manual_seed(0)
+    cfg = XLoraConfig(xlora_depth=2, xlora_size=32, xlora_dropout_p=0.0)
+    wider = XLoraModel.from_experts(load_base(base_dir), experts, cfg)
+    args = TrainingArgs(output_dir=str(tmp_path / "g"), batch_size=4, max_steps=4, resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"g-run.*checkpoint is of another model .*expected \[32"):
+        train_gate(wider, load_dataset(data, tok), None, args, pad_token_id=0)

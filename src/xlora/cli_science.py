@@ -33,11 +33,12 @@ def reproduce(
     n_eval: int = 24,
     expert_steps: int = 100,
     gate_steps: int = 240,
-    gate_lr: float = 2e-3,
-    gate_size: int = 64,
+    gate_lr: float = 5e-3,
+    gate_size: int = 256,
     gate_depth: int = 2,
-    gate_softmax: Annotated[bool, typer.Option(help="--no-gate-softmax: unconstrained scalings.")] = True,
+    gate_softmax: Annotated[bool, typer.Option(help="Softmax over experts (else unconstrained).")] = False,
     gate_layerwise: Annotated[bool, typer.Option(help="One scaling per adapted module (else one per expert).")] = True,
+    gate_fresh: Annotated[int, typer.Option(help="Extra gate examples per task the experts never saw.")] = 320,
 ) -> None:
     """Train one expert per task, the gate, evaluate everything, write results.md and figures."""
     from .science.evaluate import results_table
@@ -58,6 +59,7 @@ def reproduce(
         gate_depth=gate_depth,
         gate_softmax=gate_softmax,
         gate_layerwise=gate_layerwise,
+        gate_fresh=gate_fresh,
     )
     try:
         results = run(cfg)

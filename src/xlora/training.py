@@ -220,7 +220,17 @@ class Trainer:
         weights = load_file(str(self.checkpoint_dir / "trainable.safetensors"))
         missing = sorted(set(self.trainable) - set(weights))
         if missing:
-            raise ValueError(f"{self.checkpoint_dir}: checkpoint lacks trainable tensors {missing[:3]}")
+            raise ValueError(
+                f"{self.checkpoint_dir}: checkpoint is of another model (it lacks {missing[:3]}); "
+                "delete it or train into another run directory"
+            )
+        wrong = [k for k, p in self.trainable.items() if weights[k].shape != p.shape]
+        if wrong:
+            k = wrong[0]
+            raise ValueError(
+                f"{self.checkpoint_dir}: checkpoint is of another model ({k} is {list(weights[k].shape)}, "
+                f"expected {list(self.trainable[k].shape)}); delete it or train into another run directory"
+            )
         with torch.no_grad():
             for k, p in self.trainable.items():
                 p.copy_(weights[k].to(p.device, p.dtype))
