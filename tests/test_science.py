@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from helpers import add_tiny_tokenizer, make_base
 
 from xlora.science.datasets import hill_formula, load_amps, load_qm9, split, split3
-from xlora.science.tasks import Item, formula_of, net_charge, score
+from xlora.science.tasks import Item, formula_of, mean_baseline, net_charge, score
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,16 @@ def test_metrics_on_hand_made_cases():
     ]
     r = score("peptides", peps, ["antimicrobial: yes; charge +2.0", "antimicrobial: yes; charge +0.5", "KKKKKK"])
     assert r["amp_accuracy"] == 0.5 and r["charge_mae"] == pytest.approx(0.75) and r["design_satisfied_rate"] == 1.0
+    # an MAE needs at least half the answers parsed: one lucky parse out of three is "n/a"
+    r = score("molecule-properties", props + props[:1], ["gap 6.0", "?", "?"])
+    assert math.isnan(r["gap_mae_ev"]) and r["parsed_rate"] == pytest.approx(1 / 3)
+    r = score("peptides", peps, ["charge +3.0", "no", "KKKKKK"])
+    assert r["charge_mae"] == 0.0 and r["charge_parsed_rate"] == 0.5
+    # the training-mean baseline: train answers 2 and 4 -> mean 3; targets 6 and 8 -> MAE 4 (gap)
+    base = mean_baseline("molecule-properties", props, ["gap 2.00 eV; dipole 1.00 D", "gap 4.00 eV; dipole 3.00 D"])
+    assert base == {"gap_mae_ev": pytest.approx(4.0), "dipole_mae_d": pytest.approx(0.5)}
+    base = mean_baseline("peptides", peps, ["antimicrobial: yes; charge +1.0", "antimicrobial: no; charge +2.0"])
+    assert base == {"charge_mae": pytest.approx((1.5 + 1.5) / 2)}  # design items are not charge targets
 
 
 def test_tiny_end_to_end(tmp_path):

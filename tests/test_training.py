@@ -129,15 +129,17 @@ def gate_cli_args(setup, out, *extra):
 
 
 def test_sigkill_and_resume_reaches_same_result(setup, tmp_path):
-    full = cli(*gate_cli_args(setup, tmp_path / "full", "--steps", "10", "--save-every", "3"))
+    opts = ("--steps", "10", "--save-every", "3", "--no-softmax")  # the unconstrained gate of the science run
+    full = cli(*gate_cli_args(setup, tmp_path / "full", *opts))
     assert full.returncode == 0, full.stderr
+    assert json.loads((tmp_path / "full" / "xlora_config.json").read_text())["enable_softmax"] is False
     killed = cli(
-        *gate_cli_args(setup, tmp_path / "part", "--steps", "10", "--save-every", "3"),
+        *gate_cli_args(setup, tmp_path / "part", *opts),
         env={"XLORA_TEST_SIGKILL_AT_STEP": "7"},
     )
     assert killed.returncode == -9  # SIGKILL after step 7; the last checkpoint is step 6
     assert not (tmp_path / "part").exists()
-    resumed = cli(*gate_cli_args(setup, tmp_path / "part", "--steps", "10", "--save-every", "3", "--resume"))
+    resumed = cli(*gate_cli_args(setup, tmp_path / "part", *opts, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and "at step 6/10" in resumed.stdout
 

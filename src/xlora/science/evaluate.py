@@ -95,18 +95,9 @@ def evaluate_all(cfg) -> dict:
     }
     results: dict = {"models": {}, "mean_baseline": {}}
     for task in TASKS:
-        items = read_items(data / f"{task}-eval.jsonl")
-        if task == "molecule-properties":
-            train_items = [json.loads(x) for x in (data / f"{task}-train.jsonl").read_text().splitlines()]
-            import re
-
-            gaps = [float(re.search(r"gap ([-\d.]+)", r["messages"][1]["content"]).group(1)) for r in train_items]
-            dips = [float(re.search(r"dipole ([-\d.]+)", r["messages"][1]["content"]).group(1)) for r in train_items]
-            mg, md = sum(gaps) / len(gaps), sum(dips) / len(dips)
-            results["mean_baseline"][task] = {
-                "gap_mae_ev": sum(abs(mg - i.meta["gap"]) for i in items) / len(items),
-                "dipole_mae_d": sum(abs(md - i.meta["dipole"]) for i in items) / len(items),
-            }
+        lines = (data / f"{task}-train.jsonl").read_text().splitlines()
+        train_answers = [json.loads(x)["messages"][1]["content"] for x in lines]
+        results["mean_baseline"][task] = mean_baseline(task, read_items(data / f"{task}-eval.jsonl"), train_answers)
     for name, mode in variants(model).items():
         row = {}
         with mode():
@@ -148,9 +139,9 @@ def results_table(results: dict) -> str:
     lines = [head, "|---|" + "---:|" * len(COLUMNS)]
     for name, row in results["models"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt(row.get(k)) for k, _, _ in COLUMNS) + " |")
-    mb = results.get("mean_baseline", {}).get("molecule-properties")
-    if mb:
-        cells = [_fmt(mb["gap_mae_ev"]), _fmt(mb["dipole_mae_d"])] + ["-"] * (len(COLUMNS) - 2)
+    baseline = {f"{t}/{k}": v for t, row in results.get("mean_baseline", {}).items() for k, v in row.items()}
+    if baseline:
+        cells = [_fmt(baseline[k]) if k in baseline else "-" for k, _, _ in COLUMNS]
         lines.append("| always the training mean | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -95,6 +95,13 @@ def peptide_items(p: Peptide, design: bool) -> Item:
 _NUM = r"([-+]?\d+(?:\.\d+)?)"
 
 
+def _mae(errors: list[float | None]) -> float:
+    """Mean absolute error over the parsed answers (None = unparsed); NaN ("n/a") unless at least
+    half parse, so a model that answers in the right format once is not ranked on that one answer."""
+    parsed = [e for e in errors if e is not None]
+    return statistics.fmean(parsed) if parsed and len(parsed) * 2 >= len(errors) else float("nan")
+
+
 def score(task: str, items: list[Item], answers: list[str], train_smiles: set[str] | None = None) -> dict:
     """Task metrics of generated `answers` against `items` (same order)."""
     if task == "molecule-properties":
@@ -104,11 +111,10 @@ def score(task: str, items: list[Item], answers: list[str], train_smiles: set[st
             d = re.search(r"dipole\s*" + _NUM, a)
             gaps.append(abs(float(g.group(1)) - it.meta["gap"]) if g else None)
             dips.append(abs(float(d.group(1)) - it.meta["dipole"]) if d else None)
-        parsed = [x for x in gaps if x is not None]
         return {
-            "gap_mae_ev": statistics.fmean(parsed) if parsed else float("nan"),
-            "dipole_mae_d": statistics.fmean([x for x in dips if x is not None] or [float("nan")]),
-            "parsed_rate": len(parsed) / len(items),
+            "gap_mae_ev": _mae(gaps),
+            "dipole_mae_d": _mae(dips),
+            "parsed_rate": sum(x is not None for x in gaps) / len(items),
         }
     if task == "molecule-design":
         valid = exact = novel = 0
@@ -130,8 +136,7 @@ def score(task: str, items: list[Item], answers: list[str], train_smiles: set[st
                 yes = re.search(r"antimicrobial:\s*(yes|no)", a)
                 acc += bool(yes) and (yes.group(1) == "yes") == it.meta["antimicrobial"]
                 c = re.search(r"charge\s*" + _NUM, a)
-                if c:
-                    charge_err.append(abs(float(c.group(1)) - it.meta["charge"]))
+                charge_err.append(abs(float(c.group(1)) - it.meta["charge"]) if c else None)
             else:
                 n_des += 1
                 seq = "".join(ch for ch in a.strip().split()[0] if ch.isalpha()) if a.strip() else ""
@@ -140,17 +145,25 @@ def score(task: str, items: list[Item], answers: list[str], train_smiles: set[st
                     sat += ok_len and abs(net_charge(seq) - it.meta["charge"]) <= 1.0
         return {
             "amp_accuracy": acc / max(n_cls, 1),
-            "charge_mae": statistics.fmean(charge_err) if charge_err else float("nan"),
+            "charge_mae": _mae(charge_err),
+            "charge_parsed_rate": sum(x is not None for x in charge_err) / max(n_cls, 1),
             "design_satisfied_rate": sat / max(n_des, 1),
         }
     raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
 
 
-def mean_baseline(items: list[Item], train: list[Item]) -> dict:
-    """MAE of always answering the training mean (molecule-properties)."""
-    mg = statistics.fmean(t.meta["gap"] for t in train)
-    md = statistics.fmean(t.meta["dipole"] for t in train)
-    return {
-        "gap_mae_ev": statistics.fmean(abs(mg - it.meta["gap"]) for it in items),
-        "dipole_mae_d": statistics.fmean(abs(md - it.meta["dipole"]) for it in items),
+def mean_baseline(task: str, items: list[Item], train_answers: list[str]) -> dict[str, float]:
+    """MAE of always answering the training mean, for the task's numeric answers (gap, dipole,
+    peptide charge): the bar a model has to clear to have learnt anything about the inputs."""
+    fields = {
+        "molecule-properties": [("gap_mae_ev", "gap"), ("dipole_mae_d", "dipole")],
+        "peptides": [("charge_mae", "charge")],
     }
+    out = {}
+    for metric, word in fields.get(task, []):
+        values = [float(m.group(1)) for a in train_answers if (m := re.search(word + r"\s*" + _NUM, a))]
+        targets = [it.meta[word] for it in items if it.meta.get("kind", "classify") == "classify"]
+        if values and targets:
+            mean = statistics.fmean(values)
+            out[metric] = statistics.fmean(abs(mean - t) for t in targets)
+    return out
