@@ -117,8 +117,8 @@ def stage_data(cfg: ReproduceConfig) -> dict:
     marker = data / "ids.json"
     if marker.is_file():
         ids = json.loads(marker.read_text())
-        if len(ids.get("qm9_index_gate", [])) == 2 * cfg.gate_fresh:
-            return ids
+        if len(ids.get("qm9_index_gate", [])) == 2 * cfg.gate_fresh and (data / "gate-train.jsonl").is_file():
+            return ids  # otherwise rebuild: train and held-out files come out the same, gate data is new
     train, evals, fresh, ids = build_items(cfg)
     for task in TASKS:
         write_jsonl(data / f"{task}-train.jsonl", [chat_record(i) for i in train[task]])
