@@ -3,8 +3,9 @@ per-domain losses and routing mass: the cheap loop behind the README's gate inve
 
     python experiments/gate_probe.py NAME [--no-softmax] [--size 256] [--lr 5e-3] [--fresh 320] ...
 
-Needs a finished `xlora reproduce --work DIR` (data and experts). Results are appended to
-DIR/probes/results.jsonl; the probe's gate goes to DIR/probes/NAME.
+Without options it trains the earlier shipped gate (softmax, width 64, lr 2e-3, 240 steps, no fresh
+data), the baseline each option is compared with. Needs a finished `xlora reproduce --work DIR` (data and
+experts). Results are appended to DIR/probes/results.jsonl; the probe's gate goes to DIR/probes/NAME.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,14 @@ import torch
 from xlora.base_models import load_base
 from xlora.data import collate, load_dataset
 from xlora.model import XLoraModel
-from xlora.science.pipeline import ReproduceConfig, build_items, chat_record, train_gate_stage, write_jsonl
+from xlora.science.pipeline import (
+    ReproduceConfig,
+    build_items,
+    chat_record,
+    gate_records,
+    train_gate_stage,
+    write_jsonl,
+)
 from xlora.science.tasks import TASKS
 from xlora.training import token_ce_sum
 
@@ -43,10 +50,14 @@ def domain_report(model: XLoraModel, tok, data: Path) -> dict[str, dict]:
     return report
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("name")
     p.add_argument("--work", type=Path, default=Path("xlora-reproduce"))
+    p.add_argument("--base", default="default", help="the base model the work dir was made with")
+    p.add_argument("--n-train", type=int, default=320, help="as the work dir was made with")
+    p.add_argument("--n-eval", type=int, default=24, help="as the work dir was made with")
+    p.add_argument("--seed", type=int, default=0, help="as the work dir was made with")
     p.add_argument("--steps", type=int, default=240)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--size", type=int, default=64)
@@ -55,11 +66,15 @@ def main() -> None:
     p.add_argument("--not-layerwise", action="store_true")
     p.add_argument("--fresh", type=int, default=0, help="extra gate examples per task the experts never saw")
     p.add_argument("--threads", type=int, default=None)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = ReproduceConfig(
         work=a.work,
+        base=a.base,
+        n_train=a.n_train,
+        n_eval=a.n_eval,
+        seed=a.seed,
         gate_steps=a.steps,
         gate_lr=a.lr,
         gate_size=a.size,
@@ -73,10 +88,15 @@ def main() -> None:
     data = out / "gate-train.jsonl"
     if not data.is_file():
         train, _, fresh, _ = build_items(cfg)
-        write_jsonl(data, [chat_record(i) for part in (train, fresh) for t in TASKS for i in part[t]])
+        for task in TASKS:  # the fresh examples must come after the work dir's own samples
+            if (cfg.work / "data" / f"{task}-train.jsonl").read_text() != "".join(
+                json.dumps(chat_record(i)) + "\n" for i in train[task]
+            ):
+                raise SystemExit(f"{cfg.work}: pass the --n-train, --n-eval and --seed it was made with")
+        write_jsonl(data, gate_records(train, fresh))
     t0 = time.time()
     if not (out / "gate" / "xlora_config.json").is_file():
-        train_gate_stage(replace(cfg, out=out / "gate"), experts, out / "gate", f"probe-{a.name}", data)
+        train_gate_stage(cfg, experts, out / "gate", f"probe-{a.name}", data)
     seconds = round(time.time() - t0)
     base, tok = load_base(cfg.base)
     model = XLoraModel.from_pretrained(base, out / "gate").eval()
@@ -85,6 +105,7 @@ def main() -> None:
     print(json.dumps(row))
     with open(cfg.work / "probes" / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
+    return row
 
 
 if __name__ == "__main__":

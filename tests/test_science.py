@@ -135,22 +135,50 @@ def test_tiny_end_to_end(tmp_path):
     # resumable: a second call reuses every stage
     assert json.dumps(reproduce(cfg), sort_keys=True) == json.dumps(results, sort_keys=True)  # NaN-safe
     check_forced_routing(cfg)
+    check_gate_probe(cfg)
+
+
+def experiment(name: str):
+    """A script of experiments/ as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_gate_probe(cfg) -> None:
+    """experiments/gate_probe.py trains the asked-for gate and reports the held-out losses of it."""
+    from xlora.base_models import load_base
+    from xlora.model import XLoraModel
+    from xlora.science.evaluate import eval_loss
+
+    probe = experiment("gate_probe")
+    argv = ["p", "--work", str(cfg.work), "--base", cfg.base, "--steps", "2", "--size", "8", "--no-softmax"]
+    with pytest.raises(SystemExit, match="--n-train"):  # not the sizes the work dir was made with
+        probe.main(argv)
+    row = probe.main(argv + ["--n-train", "16", "--n-eval", "4", "--fresh", "4"])
+    gate = cfg.work / "probes" / "p" / "gate"
+    config = json.loads((gate / "xlora_config.json").read_text())
+    assert config["xlora_size"] == 8 and config["enable_softmax"] is False
+    assert len((cfg.work / "probes" / "p" / "gate-train.jsonl").read_text().splitlines()) == 3 * 16 + 3 * 4
+    base, tok = load_base(cfg.base)
+    model = XLoraModel.from_pretrained(base, gate).eval()
+    for task in ("molecule-properties", "peptides"):
+        expected = eval_loss(model, tok, cfg.work / "data" / f"{task}-eval-chat.jsonl")
+        assert row["domains"][task]["loss"] == pytest.approx(expected, abs=1e-4)
 
 
 def check_forced_routing(cfg) -> None:
     """experiments/routing_diagnostics.py: forcing one expert everywhere must equal that expert alone,
     and forcing it only on the prompt must differ (the answer keeps the gate's scalings)."""
-    import importlib.util
-    from pathlib import Path
-
     from xlora.base_models import load_base
     from xlora.model import XLoraModel
     from xlora.science.evaluate import eval_loss
 
-    script = Path(__file__).parents[1] / "experiments" / "routing_diagnostics.py"
-    spec = importlib.util.spec_from_file_location("routing_diagnostics", script)
-    diag = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diag)
+    diag = experiment("routing_diagnostics")
     base, tok = load_base(cfg.base)
     model = XLoraModel.from_pretrained(base, cfg.out).eval()
     path = cfg.work / "data" / "peptides-eval-chat.jsonl"

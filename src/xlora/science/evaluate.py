@@ -89,15 +89,15 @@ def evaluate_all(cfg) -> dict:
     base, tok = load_base(cfg.base)
     model = XLoraModel.from_pretrained(base, cfg.out)
     data = cfg.work / "data"
-    train_smiles = {
-        json.loads(line)["messages"][1]["content"]
-        for line in (data / "molecule-design-train.jsonl").read_text().splitlines()
+    train_answers = {
+        task: [json.loads(x)["messages"][1]["content"] for x in (data / f"{task}-train.jsonl").read_text().splitlines()]
+        for task in TASKS
     }
+    train_smiles = set(train_answers["molecule-design"])  # canonical SMILES, for novelty
     results: dict = {"models": {}, "mean_baseline": {}}
     for task in TASKS:
-        lines = (data / f"{task}-train.jsonl").read_text().splitlines()
-        train_answers = [json.loads(x)["messages"][1]["content"] for x in lines]
-        results["mean_baseline"][task] = mean_baseline(task, read_items(data / f"{task}-eval.jsonl"), train_answers)
+        items = read_items(data / f"{task}-eval.jsonl")
+        results["mean_baseline"][task] = mean_baseline(task, items, train_answers[task])
     for name, mode in variants(model).items():
         row = {}
         with mode():

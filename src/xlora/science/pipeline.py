@@ -74,6 +74,8 @@ def build_items(cfg: ReproduceConfig) -> tuple[ItemsByTask, ItemsByTask, ItemsBy
     pep_gate = [p for p in pep_rest if p.sequence not in used][: ng // 2]
     used |= {p.sequence for p in pep_gate}
     des_gate = [p for p in des_rest if p.sequence not in used][: ng // 2]
+    if len(pep_gate) < ng // 2 or len(des_gate) < ng // 2:
+        raise ValueError(f"gate_fresh={ng}: not enough unused peptides left after the train and held-out sets")
 
     def tasks(mol: list, pep: list, des: list, n: int) -> ItemsByTask:
         return {
@@ -105,6 +107,11 @@ def chat_record(it: Item) -> dict:
     return {"messages": [{"role": "user", "content": it.prompt}, {"role": "assistant", "content": it.answer}]}
 
 
+def gate_records(train: ItemsByTask, fresh: ItemsByTask) -> list[dict]:
+    """The gate's data: every expert's training examples, then the fresh ones no expert saw."""
+    return [chat_record(i) for part in (train, fresh) for task in TASKS for i in part[task]]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -124,10 +131,7 @@ def stage_data(cfg: ReproduceConfig) -> dict:
         write_jsonl(data / f"{task}-train.jsonl", [chat_record(i) for i in train[task]])
         write_jsonl(data / f"{task}-eval-chat.jsonl", [chat_record(i) for i in evals[task]])
         write_jsonl(data / f"{task}-eval.jsonl", [i.record() for i in evals[task]])
-    mix = [chat_record(i) for task in TASKS for i in train[task]]
-    write_jsonl(data / "mix-train.jsonl", mix)
-    fresh_records = [chat_record(i) for task in TASKS for i in fresh[task]]
-    write_jsonl(data / "gate-train.jsonl", mix + fresh_records)  # the experts' data + examples they never saw
+    write_jsonl(data / "gate-train.jsonl", gate_records(train, fresh))
     marker.write_text(json.dumps(ids))
     return ids
 
