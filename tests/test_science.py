@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -134,6 +135,8 @@ def test_tiny_end_to_end(tmp_path):
     assert "| X-LoRA (trained gate) |" in (cfg.out / "results.md").read_text()
     # resumable: a second call reuses every stage
     assert json.dumps(reproduce(cfg), sort_keys=True) == json.dumps(results, sort_keys=True)  # NaN-safe
+    with pytest.raises(ValueError, match=r"xlora_config.json: a gate with other settings \(xlora_size=8\)"):
+        reproduce(replace(cfg, gate_size=16))  # never silently reuse a gate of other settings
     check_forced_routing(cfg)
     check_gate_probe(cfg)
 

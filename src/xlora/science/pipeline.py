@@ -223,7 +223,16 @@ def train_gate_stage(cfg: ReproduceConfig, experts: dict[str, Path], out: Path, 
 
 
 def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
-    if (cfg.out / "xlora_config.json").is_file():
+    existing = cfg.out / "xlora_config.json"
+    if existing.is_file():  # done before: reuse it, unless it was made with other gate settings
+        have, want = json.loads(existing.read_text()), asdict(gate_config(cfg))
+        keys = ("xlora_depth", "xlora_size", "layerwise_scalings", "enable_softmax")
+        differ = [k for k in keys if have.get(k) != want[k]]
+        if differ:
+            raise ValueError(
+                f"{existing}: a gate with other settings ({', '.join(f'{k}={have[k]}' for k in differ)}) is already "
+                "there; choose another --out or delete it"
+            )
         return cfg.out
     t0 = time.time()
     # the run directory (resumable checkpoints) is named by the settings, so changing them starts afresh
