@@ -49,6 +49,29 @@ class LoraExpert:
         return self.weights[module][0].shape[0]
 
 
+def check_expert_name(name: object, source: str | Path | None = None) -> str:
+    """The one check every expert name passes before a path is built from it (names become folders).
+
+    Letters, digits and `_.-+=@ ` only, not starting with a dot: no separators, no `..`, no hidden
+    or absolute names, so `<dir> / name` always stays inside `<dir>`.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > 200:
+        where = f"{source}: " if source else ""
+        raise ExpertError(
+            f"{where}expert name {name!r}: expected 1-200 letters, digits and _.-+=@ or spaces, not starting "
+            "with a dot (it becomes a folder name)"
+        )
+    return name
+
+
+def inside(root: Path, candidate: Path, what: str) -> Path:
+    """`candidate` resolved, refusing anything (via `..` or symlinks) that leaves `root`."""
+    resolved = (root / candidate).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ExpertError(f"{root}: {what} {str(candidate)!r} points outside the directory ({resolved})")
+    return resolved
+
+
 def normalize_expert_spec(experts: ExpertSpec) -> list[tuple[str, Path]]:
     """Turn a dict or a list of (name, path) pairs into checked (name, Path) pairs."""
     pairs = list(experts.items()) if isinstance(experts, Mapping) else [tuple(p) for p in experts]
@@ -60,8 +83,7 @@ def normalize_expert_spec(experts: ExpertSpec) -> list[tuple[str, Path]]:
         if len(item) != 2:
             raise ExpertError(f"expert entry {item!r}: expected (name, adapter directory)")
         name, path = item
-        if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
-            raise ExpertError(f"expert name {name!r}: expected letters, digits and _.-+=@ (it becomes a folder name)")
+        check_expert_name(name)
         if name in seen:
             raise ExpertError(f"expert name {name!r} is given twice; names must be unique")
         seen.add(name)
