@@ -65,7 +65,11 @@ def test_logits_equal_peft(tiny, padded_batch, name):
     assert (expected - base_logits).abs().max() > 1e-3, "experts must change the output for the test to mean anything"
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     peft_scalings = peft_model.base_model.get_latest_scalings()
-    torch.testing.assert_close(ours.get_latest_scalings(), peft_scalings, atol=1e-6, rtol=1e-5)
+    # Same bound as the logits (the README's "tested to 1e-5"): with a non-zero scaling pass value the
+    # first pass already runs the experts, fused (ours) vs one GEMM pair per expert (PEFT), so the
+    # classifier's input differs by float32 summation order (a few ulp per layer, ~1e-6 after two
+    # layers) and the softmax outputs inherit it; 1e-6 sat right at that noise (5.5e-6 seen).
+    torch.testing.assert_close(ours.get_latest_scalings(), peft_scalings, atol=1e-5, rtol=1e-5)
 
 
 def test_labels_loss_equal_peft(tiny, padded_batch):
