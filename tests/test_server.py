@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -17,7 +20,7 @@ from helpers import add_tiny_tokenizer, load_base
 from transformers import AutoTokenizer
 
 from xlora import XLoraConfig, XLoraModel
-from xlora.server import create_app
+from xlora.server import DEFAULT_MAX_BODY_BYTES, create_app
 from xlora.serving import Engine
 
 NAME = "tiny-xlora"
@@ -29,8 +32,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(tiny):
+def build_model(tiny) -> tuple[XLoraModel, object]:
+    """The tiny X-LoRA model (experts chem, prot, cot) with a sharp classifier, and its tokenizer."""
     base_dir, experts = tiny
     add_tiny_tokenizer(base_dir)
     tok = AutoTokenizer.from_pretrained(base_dir)
@@ -41,19 +44,34 @@ def served(tiny):
     with torch.no_grad():
         for p in model.classifier.parameters():
             p.normal_(0, 0.5)
-    engine = Engine(model, tok, max_batch=8, max_queue=64)
+    return model, tok
+
+
+@contextmanager
+def serve(app) -> Iterator[int]:
+    """Run `app` with uvicorn on a free 127.0.0.1 port in a thread; yields the port."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, NAME), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(200):
         if server.started:
             break
         time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
-    yield client, model, tok, port
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(tiny):
+    model, tok = build_model(tiny)
+    engine = Engine(model, tok, max_batch=8, max_queue=64)
+    with serve(create_app(engine, NAME)) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        yield client, model, tok, port
 
 
 def reference_answer(model, tok, content: str, max_tokens: int) -> str:
@@ -202,3 +220,57 @@ def test_load_50_concurrent_streams(served):
         counts = list(pool.map(one, range(50), timeout=120))
     assert len(counts) == 50 and all(c >= 1 for c in counts)
     assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
+
+
+class SlowTokenizer:
+    """The real tokenizer with a fixed delay before each encoding, so that preparing a request takes
+    seconds on any machine; `busy` is set while it encodes."""
+
+    def __init__(self, tok, delay_s: float) -> None:
+        self._tok, self.delay_s, self.busy = tok, delay_s, threading.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self._tok, name)
+
+    def __call__(self, *args, **kwargs):
+        self.busy.set()
+        try:
+            time.sleep(self.delay_s)
+            return self._tok(*args, **kwargs)
+        finally:
+            self.busy.clear()
+
+
+def test_preparation_does_not_block_the_event_loop(served):
+    """/health answers quickly while a large prompt (under the body cap) is templated and tokenised.
+    Preparing it takes over 3 s (a fixed 3 s delay plus the real tokenisation); on the event loop, a
+    probe sent meanwhile would wait for all of that, so a 1.5 s bound is generous yet decisive."""
+    _, model, tok, _ = served
+    slow = SlowTokenizer(tok, delay_s=3.0)
+    words = " ".join(f"w{i % 100}" for i in range(250_000))
+    body = {"model": NAME, "messages": [{"role": "user", "content": words}], "max_tokens": 2}
+    assert 900_000 < len(json.dumps(body)) < DEFAULT_MAX_BODY_BYTES
+    with serve(create_app(Engine(model, slow), NAME)) as port, ThreadPoolExecutor(1) as pool:
+        url = f"http://127.0.0.1:{port}"
+        answer = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=120)
+        assert slow.busy.wait(timeout=60)
+        latencies = []
+        while slow.busy.is_set():
+            start = time.perf_counter()
+            assert httpx.get(f"{url}/health", timeout=60).status_code == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.05)
+        r = answer.result(timeout=120)
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]  # prepared in full, then refused
+    assert latencies and max(latencies) < 1.5, latencies
+
+
+def test_default_body_cap_is_413_over_http(served):
+    _, _, _, port = served
+    body = {"model": NAME, "prompt": "w1 " * 700_000, "max_tokens": 2}  # 2.1 MB
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["code"] == "request_too_large"
+    assert str(DEFAULT_MAX_BODY_BYTES) in err["message"]
+    assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"  # the server carries on

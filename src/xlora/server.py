@@ -4,6 +4,9 @@ POST /v1/chat/completions, POST /v1/completions (both with `stream`), GET /v1/mo
 Extension, off by default: `"xlora": {"return_scalings": "summary" | "tokens", "mask_experts": [...],
 "top_k": k, "global_scaling_weight": w}`; the answer then carries an `xlora` object with each named
 expert's weight (averaged over adapted modules) per generated token or over the answer.
+
+Requests are checked (see `server_checks`: unsupported OpenAI fields, unknown extension fields,
+roles, numeric ranges) and prepared in a worker thread; bodies over a size cap are refused with 413.
 """
 
 from __future__ import annotations
@@ -14,60 +17,99 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any
 
+import anyio
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .serving import Engine, MixtureOptions, QueueFull
+from .server_checks import (
+    BadRequest,
+    ChatRequest,
+    CompletionRequest,
+    ModelNotFound,
+    Sampling,
+    XLoraExtension,
+    prepare,
+)
+from .serving import Engine, QueueFull
 from .serving import Request as GenRequest
 
-
-class XLoraExtension(BaseModel):
-    return_scalings: Literal["summary", "tokens"] | None = None
-    mask_experts: list[str] = Field(default_factory=list)
-    top_k: int | None = Field(default=None, ge=1)
-    global_scaling_weight: float | None = None
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
 
 
-class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
-    stream: bool = False
-    xlora: XLoraExtension | None = None
-
-
-class ChatMessage(BaseModel):
-    role: str
-    content: str
-
-
-class ChatRequest(Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-class CompletionRequest(Sampling):
-    prompt: str
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+def _error(
+    status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    """A response with OpenAI's error shape."""
     return JSONResponse(
-        status_code=status, content={"error": {"message": message, "type": kind, "param": None, "code": None}}
+        status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": code}}
     )
 
 
-def create_app(engine: Engine, model_name: str) -> FastAPI:
-    """The FastAPI app serving `engine` under the model id `model_name`."""
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is answered 413 before the app parses it.
+
+    The body is read up to the bound and handed on. A larger body is drained (not kept) up to
+    `drain_bytes` before answering, so that a client still sending it reads the 413 rather than a
+    reset connection; a body declared larger than that is answered at once.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, drain_bytes: int = 64 << 20) -> None:
+        self.app, self.max_bytes, self.drain_bytes = app, max_bytes, max(drain_bytes, max_bytes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        size = int(declared) if declared.isdigit() else 0  # what the client said, or what arrived
+        kept: list[bytes] = []
+        received = 0
+        first: Message = {"type": "http.request", "body": b"", "more_body": False}
+        while size <= self.drain_bytes:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left; the app sees that
+                first = message
+                break
+            body = message.get("body", b"")
+            received += len(body)
+            size = max(size, received)
+            if received <= self.max_bytes:
+                kept.append(body)
+            if not message.get("more_body", False):
+                first = {"type": "http.request", "body": b"".join(kept), "more_body": False}
+                break
+        if size > self.max_bytes:
+            text = f"the request body exceeds {self.max_bytes} bytes"
+            await _error(413, text, code="request_too_large")(scope, receive, send)
+            return
+        replayed = False
+
+        async def receive_again() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return first
+            return await receive()
+
+        await self.app(scope, receive_again, send)
+
+
+def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app serving `engine` under the model id `model_name`.
+
+    `max_body_bytes` caps a request's body (default 1 MiB, about 250k tokens of English, far beyond
+    the context of most models); a larger body is answered 413 before it is parsed, so one client
+    cannot make the server parse and tokenise megabytes. Request preparation (chat template,
+    tokenisation, checks) runs in a worker thread, off the event loop: `/health` and streams stay
+    responsive while a long prompt is tokenised. Every error body has OpenAI's shape
+    `{"error": {"message", "type", "param", "code"}}`: 400 for a bad request, 404 for an unknown
+    model, 413 for a body over the cap, 429 for a full queue; 500 only for an internal fault.
+    """
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -75,20 +117,33 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         engine.shutdown()
 
     app = FastAPI(title="xlora", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     experts = engine.model.expert_names
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
         kind = {404: "not_found_error", 429: "rate_limit_error"}.get(exc.status_code, "invalid_request_error")
         return _error(exc.status_code, str(exc.detail), kind)
 
+    @app.exception_handler(BadRequest)
+    async def bad_request(_: Request, exc: BadRequest):
+        if isinstance(exc, ModelNotFound):
+            return _error(404, exc.message, "not_found_error", exc.param, "model_not_found")
+        return _error(400, exc.message, param=exc.param)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError):
-        parts = []
+        parts, params = [], []
         for err in exc.errors():
             where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return _error(400, "; ".join(parts) or "invalid request")
+            msg = "unknown field" if err.get("type") == "extra_forbidden" else str(err.get("msg"))
+            parts.append(f"{where}: {msg}" if where else msg)
+            params.append(where)
+        return _error(400, "; ".join(parts) or "invalid request", param=next((p for p in params if p), None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception):
+        return _error(500, f"internal error: {type(exc).__name__}", "server_error")
 
     @app.get("/health")
     async def health():
@@ -106,39 +161,6 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "xlora", "experts": experts}],
         }
 
-    def check(req: Sampling, prompt_ids: list[int]) -> GenRequest:
-        if req.model != model_name:
-            raise HTTPException(404, f"model {req.model!r} not found; this server serves {model_name!r}")
-        if req.n != 1:
-            raise HTTPException(400, "n: only n=1 is supported")
-        ext = req.xlora or XLoraExtension()
-        unknown = [e for e in ext.mask_experts if e not in experts]
-        if unknown:
-            raise HTTPException(400, f"xlora.mask_experts: unknown expert(s) {unknown}; experts are {experts}")
-        if len(set(ext.mask_experts)) >= len(experts):
-            raise HTTPException(400, "xlora.mask_experts: at least one expert must stay")
-        if ext.top_k is not None and ext.top_k > len(experts):
-            raise HTTPException(400, f"xlora.top_k: at most the number of experts ({len(experts)})")
-        room = engine.context_length - len(prompt_ids)
-        wanted = req.max_completion_tokens or req.max_tokens
-        if room < 1 or (wanted is not None and wanted > room):
-            raise HTTPException(
-                400,
-                f"the prompt has {len(prompt_ids)} tokens and max_tokens is {wanted}; the context holds "
-                f"{engine.context_length}",
-            )
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        return GenRequest(
-            prompt_ids=prompt_ids,
-            max_tokens=min(wanted or 256, room),
-            temperature=req.temperature,
-            top_p=req.top_p,
-            seed=req.seed,
-            stop=stop,
-            mixture=MixtureOptions(tuple(sorted(ext.mask_experts)), ext.top_k, ext.global_scaling_weight),
-            want_scalings=ext.return_scalings is not None,
-        )
-
     async def run(gen: GenRequest, http: Request) -> AsyncIterator[tuple]:
         """Submit and yield the engine's events; a client that goes away cancels its row."""
         loop = asyncio.get_running_loop()
@@ -149,6 +171,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             engine.submit(gen)
         except QueueFull as e:
             raise HTTPException(429, str(e)) from None
+        except ValueError as e:  # the engine's own check (server checks should have caught it)
+            raise BadRequest(str(e)) from None
         try:
             while True:
                 try:
@@ -166,17 +190,20 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     def weights_dict(w) -> dict[str, float]:
         return {name: round(float(x), 6) for name, x in zip(experts, w.tolist())}
 
-    async def complete(req: Sampling, prompt_ids: list[int], http: Request, chat: bool):
-        gen = check(req, prompt_ids)
+    async def complete(req: Sampling, http: Request, chat: bool):
+        """Prepare `req` in a worker thread (tokenising a long prompt must not stall the loop), then run it."""
+        gen, n_prompt = await anyio.to_thread.run_sync(
+            prepare, req, engine.tokenizer, experts, model_name, engine.context_length
+        )
         ext = req.xlora or XLoraExtension()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         stream = run(gen, http)
         first = await anext(stream)  # raises 429 before any byte is sent
         if not req.stream:
-            return await collect(first, stream, req, ext, rid, created, len(prompt_ids), chat)
+            return await collect(first, stream, req, ext, rid, created, n_prompt, chat)
         return StreamingResponse(
-            sse(first, stream, req, ext, rid, created, len(prompt_ids), chat), media_type="text/event-stream"
+            sse(first, stream, req, ext, rid, created, n_prompt, chat), media_type="text/event-stream"
         )
 
     async def collect(first, stream, req, ext, rid, created, n_prompt, chat):
@@ -242,7 +269,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             yield chunk(None, None, role=True)
         async for ev in _chain(first, stream):
             if ev[0] == "error":
-                yield f"data: {json.dumps({'error': {'message': ev[1], 'type': 'server_error'}})}\n\n"
+                err = {"message": ev[1], "type": "server_error", "param": None, "code": None}
+                yield f"data: {json.dumps({'error': err})}\n\n"
                 return
             if ev[0] == "token":
                 tokens += 1
@@ -266,17 +294,11 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, http: Request):
-        tok = engine.tokenizer
-        messages = [m.model_dump() for m in req.messages]
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-        return await complete(req, tok(text, add_special_tokens=False)["input_ids"], http, chat=True)
+        return await complete(req, http, chat=True)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, http: Request):
-        return await complete(req, engine.tokenizer(req.prompt)["input_ids"], http, chat=False)
+        return await complete(req, http, chat=False)
 
     return app
 

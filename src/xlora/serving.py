@@ -11,6 +11,7 @@ so the batch gets cheaper as it drains. A new batch starts as soon as the curren
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -23,6 +24,12 @@ import torch
 
 from .generation import SamplingOptions, iter_generate
 from .model import XLoraModel
+
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's int64 seed; torch accepts this range (negatives wrap)
+# |global_scaling_weight| bound for requests: 1 is the trained setting, 0 the base model. Ten times the
+# experts' deltas is already far from anything the model was trained on; huge weights overflow the
+# logits to inf/NaN and would fail the whole batch the request shares.
+MAX_GLOBAL_SCALING_WEIGHT = 10.0
 
 
 class QueueFull(RuntimeError):
@@ -54,6 +61,28 @@ class Request:
     emit: Callable[[tuple], None] = field(default_factory=lambda: queue.Queue().put)
     want_scalings: bool = False  # compute per-token expert weights for this request
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def problem(self, experts: list[str]) -> str | None:
+        """Why this request cannot run, or None. Checked at `submit`: a bad row would fail its whole batch."""
+        m = self.mixture
+        if not self.prompt_ids:
+            return "the prompt has no tokens"
+        if self.max_tokens < 1:
+            return "max_tokens must be >= 1"
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            return "temperature must be a finite number >= 0"
+        if not (0 < self.top_p <= 1):
+            return "top_p must be in (0, 1]"
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            return f"seed must be in [{SEED_MIN}, {SEED_MAX}]"
+        w = m.global_scaling_weight
+        if w is not None and not (math.isfinite(w) and abs(w) <= MAX_GLOBAL_SCALING_WEIGHT):
+            return f"global_scaling_weight must be finite with magnitude <= {MAX_GLOBAL_SCALING_WEIGHT}"
+        if m.top_k is not None and not 1 <= m.top_k <= len(experts):
+            return f"top_k must be in [1, {len(experts)}]"
+        if any(e not in experts for e in m.mask_experts) or len(set(m.mask_experts)) >= len(experts):
+            return "mask_experts must name known experts and leave at least one"
+        return None
 
 
 def _row_sampler(requests: list[Request], device: torch.device):
@@ -126,6 +155,10 @@ class Engine:
         return sorted(i for i in ids if i is not None) or [0]
 
     def submit(self, request: Request) -> Request:
+        """Queue `request`; ValueError if it cannot run (see `Request.problem`), QueueFull at the bound."""
+        problem = request.problem(self.model.expert_names)
+        if problem is not None:
+            raise ValueError(problem)
         with self.cond:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the queue holds {self.max_queue} waiting requests; retry later")
