@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import make_base, make_experts  # noqa: E402
+from helpers import add_tiny_tokenizer, make_base, make_experts  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -36,3 +37,20 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
     mask[2, :7] = 0
     ids[mask == 0] = 0
     return ids, mask
+
+
+@pytest.fixture(scope="module")
+def train_setup(tiny, tmp_path_factory):
+    """Tiny base with tokenizer, experts, and a learnable data set (each prompt maps to one answer)."""
+    base_dir, experts = tiny
+    add_tiny_tokenizer(base_dir)
+    root = tmp_path_factory.mktemp("train")
+    rows = []
+    for i in range(48):
+        a, b = 3 + i % 20, 3 + (i * 7) % 30
+        rows.append({"prompt": f"w{a} w{b}", "completion": f"w{(a + b) % 40 + 10} w{a} w{b}"})
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev = root / "eval.jsonl"
+    ev.write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
+    return base_dir, experts, data, ev

@@ -6,12 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import add_tiny_tokenizer, load_base
+from helpers import load_base
 from safetensors.torch import load_file
+from training_helpers import ROOT, cli, gate_cli_args, gate_model, run_gate
 from transformers import AutoTokenizer
 
 from xlora import XLoraConfig, XLoraModel
@@ -19,49 +19,15 @@ from xlora.data import load_dataset
 from xlora.train import LoraOptions, train_expert, train_gate
 from xlora.training import TrainingArgs
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module")
-def setup(tiny, tmp_path_factory):
-    """Tiny base with tokenizer, experts, and a learnable data set (each prompt maps to one answer)."""
-    base_dir, experts = tiny
-    add_tiny_tokenizer(base_dir)
-    root = tmp_path_factory.mktemp("train")
-    rows = []
-    for i in range(48):
-        a, b = 3 + i % 20, 3 + (i * 7) % 30
-        rows.append({"prompt": f"w{a} w{b}", "completion": f"w{(a + b) % 40 + 10} w{a} w{b}"})
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ev = root / "eval.jsonl"
-    ev.write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
-    return base_dir, experts, data, ev
-
-
-def gate_model(base_dir, experts, dropout=0.0):
-    torch.manual_seed(0)
-    cfg = XLoraConfig(xlora_depth=2, xlora_size=16, layerwise_scalings=True, xlora_dropout_p=dropout)
-    return XLoraModel.from_experts(load_base(base_dir), experts, cfg)
-
-
-def run_gate(setup, out, **kw):
-    base_dir, experts, data, ev = setup
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    model = gate_model(base_dir, experts, dropout=kw.pop("dropout", 0.0))
-    args = TrainingArgs(output_dir=str(out), batch_size=4, lr=5e-3, seed=3, progress=False, **kw)
-    records = train_gate(model, load_dataset(data, tok), load_dataset(ev, tok), args, pad_token_id=0)
-    return model, records
-
-
-def test_gate_training_is_reproducible_and_learns(setup, tmp_path):
-    m1, r1 = run_gate(setup, tmp_path / "a", max_steps=12, eval_every=6, dropout=0.1)
-    m2, r2 = run_gate(setup, tmp_path / "b", max_steps=12, eval_every=6, dropout=0.1)
+def test_gate_training_is_reproducible_and_learns(train_setup, tmp_path):
+    m1, r1 = run_gate(train_setup, tmp_path / "a", max_steps=12, eval_every=6, dropout=0.1)
+    m2, r2 = run_gate(train_setup, tmp_path / "b", max_steps=12, eval_every=6, dropout=0.1)
     losses1 = [r["loss"] for r in r1 if "loss" in r]
     assert losses1 == [r["loss"] for r in r2 if "loss" in r]  # same seed, same CPU -> same losses
     assert losses1[-1] < losses1[0]
-    base_dir = setup[0]
-    fresh = gate_model(base_dir, setup[1])
+    base_dir = train_setup[0]
+    fresh = gate_model(base_dir, train_setup[1])
     for (n, p), (_, q) in zip(m1.named_parameters(), fresh.named_parameters()):
         changed = not torch.equal(p, q)
         assert changed == n.startswith("classifier"), n  # only the classifier moved
@@ -74,7 +40,7 @@ def test_gate_training_is_reproducible_and_learns(setup, tmp_path):
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(metrics[0]) and "eval_loss" in metrics[5]
 
 
-def test_regularisers_change_routing(setup, tmp_path):
+def test_regularisers_change_routing(train_setup, tmp_path):
     def entropy(model):
         model.eval()
         with torch.no_grad():
@@ -82,64 +48,27 @@ def test_regularisers_change_routing(setup, tmp_path):
         sc = model.get_latest_scalings()
         return float(-(sc * sc.clamp_min(1e-12).log()).sum(-1).mean())
 
-    plain, _ = run_gate(setup, tmp_path / "p", max_steps=8)
-    sharp, _ = run_gate(setup, tmp_path / "s", max_steps=8, entropy_weight=1.0)
-    smooth, _ = run_gate(setup, tmp_path / "m", max_steps=8, entropy_weight=-1.0)
+    plain, _ = run_gate(train_setup, tmp_path / "p", max_steps=8)
+    sharp, _ = run_gate(train_setup, tmp_path / "s", max_steps=8, entropy_weight=1.0)
+    smooth, _ = run_gate(train_setup, tmp_path / "m", max_steps=8, entropy_weight=-1.0)
     assert entropy(sharp) < entropy(plain) < entropy(smooth)  # w > 0 sharper, w < 0 smoother
-    _, bal = run_gate(setup, tmp_path / "b", max_steps=4, balance_weight=5.0)
-    _, ref = run_gate(setup, tmp_path / "q", max_steps=4)
+    _, bal = run_gate(train_setup, tmp_path / "b", max_steps=4, balance_weight=5.0)
+    _, ref = run_gate(train_setup, tmp_path / "q", max_steps=4)
     assert [r["loss"] for r in bal if "loss" in r] != [r["loss"] for r in ref if "loss" in r]
 
 
-def cli(*args, env=None, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "xlora.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=timeout,
-        cwd=ROOT,
-    )
-
-
-def gate_cli_args(setup, out, *extra):
-    base_dir, experts, data, ev = setup
-    args = [
-        "train-gate",
-        "--base",
-        str(base_dir),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--size",
-        "16",
-        "--batch-size",
-        "4",
-        "--lr",
-        "5e-3",
-        "--seed",
-        "1",
-        "--dropout",
-        "0.1",
-    ]
-    for name, path in experts.items():
-        args += ["--experts", f"{name}={path}"]
-    return args + list(extra)
-
-
-def test_sigkill_and_resume_reaches_same_result(setup, tmp_path):
+def test_sigkill_and_resume_reaches_same_result(train_setup, tmp_path):
     opts = ("--steps", "10", "--save-every", "3", "--no-softmax")  # the unconstrained gate of the science run
-    full = cli(*gate_cli_args(setup, tmp_path / "full", *opts))
+    full = cli(*gate_cli_args(train_setup, tmp_path / "full", *opts))
     assert full.returncode == 0, full.stderr
     assert json.loads((tmp_path / "full" / "xlora_config.json").read_text())["enable_softmax"] is False
     killed = cli(
-        *gate_cli_args(setup, tmp_path / "part", *opts),
+        *gate_cli_args(train_setup, tmp_path / "part", *opts),
         env={"XLORA_TEST_SIGKILL_AT_STEP": "7"},
     )
     assert killed.returncode == -9  # SIGKILL after step 7; the last checkpoint is step 6
     assert not (tmp_path / "part").exists()
-    resumed = cli(*gate_cli_args(setup, tmp_path / "part", *opts, "--resume"))
+    resumed = cli(*gate_cli_args(train_setup, tmp_path / "part", *opts, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and "at step 6/10" in resumed.stdout
 
@@ -155,11 +84,11 @@ def test_sigkill_and_resume_reaches_same_result(setup, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
 
 
-def test_torchrun_two_processes_equals_one(setup, tmp_path):
+def test_torchrun_two_processes_equals_one(train_setup, tmp_path):
     """gloo on CPU, 2 processes x batch 2 == 1 process x batch 4 (same global batch)."""
-    single = cli(*gate_cli_args(setup, tmp_path / "one", "--steps", "4", "--batch-size", "4", "--dropout", "0"))
+    single = cli(*gate_cli_args(train_setup, tmp_path / "one", "--steps", "4", "--batch-size", "4", "--dropout", "0"))
     assert single.returncode == 0, single.stderr
-    args = gate_cli_args(setup, tmp_path / "two", "--steps", "4", "--batch-size", "2", "--dropout", "0")
+    args = gate_cli_args(train_setup, tmp_path / "two", "--steps", "4", "--batch-size", "2", "--dropout", "0")
     two = subprocess.run(
         [
             sys.executable,
@@ -186,8 +115,8 @@ def test_torchrun_two_processes_equals_one(setup, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
 
 
-def test_train_expert_cli_and_library(setup, tmp_path):
-    base_dir, _, data, ev = setup
+def test_train_expert_cli_and_library(train_setup, tmp_path):
+    base_dir, _, data, ev = train_setup
     r = cli(
         "train-expert",
         "--base",
@@ -231,22 +160,22 @@ def test_train_expert_cli_and_library(setup, tmp_path):
     assert not any("lora" in n for n, _ in base.named_modules())  # the base model was restored
 
 
-def test_bad_data_reports_line(setup, tmp_path):
-    base_dir, experts, _, _ = setup
+def test_bad_data_reports_line(train_setup, tmp_path):
+    base_dir, experts, _, _ = train_setup
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "w1", "completion": "w2"}\n{"prompt": \n')
     r = cli("train-expert", "--base", str(base_dir), "--data", str(bad), "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "bad.jsonl:2: invalid JSON" in r.stderr
 
 
-def test_hf_trainer(setup, tmp_path):
+def test_hf_trainer(train_setup, tmp_path):
     from transformers import Trainer
     from transformers import TrainingArguments as HFArgs
 
     from xlora.data import collate
     from xlora.hf import XLoraSaveCallback
 
-    base_dir, experts, data, _ = setup
+    base_dir, experts, data, _ = train_setup
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = gate_model(base_dir, experts)
     before = {k: v.clone() for k, v in model.classifier.state_dict().items()}
@@ -280,13 +209,13 @@ def test_hf_trainer(setup, tmp_path):
         assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def test_resume_into_another_models_checkpoint_fails_clearly(setup, tmp_path):
-    run_gate(setup, tmp_path / "g", max_steps=2, save_every=2)
-    base_dir, experts, data, _ = setup
+def test_resume_into_another_models_checkpoint_fails_clearly(train_setup, tmp_path):
+    run_gate(train_setup, tmp_path / "g", max_steps=2, save_every=2)
+    base_dir, experts, data, _ = train_setup
     tok = AutoTokenizer.from_pretrained(base_dir)
     torch.manual_seed(0)
     cfg = XLoraConfig(xlora_depth=2, xlora_size=32, xlora_dropout_p=0.0)
     wider = XLoraModel.from_experts(load_base(base_dir), experts, cfg)
     args = TrainingArgs(output_dir=str(tmp_path / "g"), batch_size=4, max_steps=4, resume=True, progress=False)
-    with pytest.raises(ValueError, match=r"g-run.*checkpoint is of another model .*expected \[32"):
+    with pytest.raises(ValueError, match=r"g-run: --resume with other settings.*gate.xlora_size: 16 -> 32"):
         train_gate(wider, load_dataset(data, tok), None, args, pad_token_id=0)

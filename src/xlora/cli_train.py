@@ -35,15 +35,17 @@ def _prepare(base, device, data, eval, max_length, out, run_dir, options: dict):
     """What both training commands start with: process rank, base model, datasets, TrainingArgs."""
     from .base_models import load_base
     from .data import load_dataset
+    from .train import check_outputs
     from .training import TrainingArgs, distributed
 
     _, rank_id = distributed()
-    model, tokenizer = load_base(base, device=_device_for(device))
-    train_ds = load_dataset(data, tokenizer, max_length)
-    eval_ds = load_dataset(eval, tokenizer, max_length) if eval else None
     options = dict(options)
     steps = options.pop("steps")
     args = TrainingArgs(output_dir=str(out), max_steps=steps, run_dir=str(run_dir) if run_dir else None, **options)
+    check_outputs(args)  # before minutes of loading and hours of training
+    model, tokenizer = load_base(base, device=_device_for(device))
+    train_ds = load_dataset(data, tokenizer, max_length)
+    eval_ds = load_dataset(eval, tokenizer, max_length) if eval else None
     return rank_id, model, tokenizer, train_ds, eval_ds, args
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -156,28 +157,128 @@ def load_classifier_state(path: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------- writing
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _siblings(path: Path, kind: str) -> list[Path]:
+    """Our leftovers of `path` of one kind ("tmp", "new" or "old"), oldest first."""
+    found = [p for p in path.parent.glob(f".{path.name}.{kind}-*") if p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def _owner_alive(leftover: Path) -> bool:
+    """Leftovers are named `.NAME.KIND-PID-RANDOM`: is the process that made this one still running?"""
+    pid = leftover.name.rsplit(".", 1)[-1].split("-")[1]
+    return pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))
+
+
+def recover_directory(path: Path) -> str | None:
+    """Finish or undo a replacement that a crash interrupted, then sweep stale leftovers.
+
+    `atomic_directory` replaces `path` in steps: write `.NAME.tmp-*`, rename it to `.NAME.new-*`
+    (now complete), move the old `path` to `.NAME.old-*`, rename the new one to `path`. A kill
+    between the last two steps leaves no `path`: the newest complete `.new-*` is put in place (else
+    the newest `.old-*` is put back). Returns what was done ("new" or "old") or None.
+    """
+    path = Path(path)
+    action = None
+    if not path.exists():
+        for kind in ("new", "old"):
+            candidates = [p for p in _siblings(path, kind) if not _owner_alive(p)]
+            if candidates:
+                src = candidates[-1]
+                src = src / "x" if (src / "x").is_dir() else src  # old layout kept the directory in old/x
+                os.replace(src, path)
+                action = kind
+                break
+    if path.exists():
+        for kind in ("tmp", "new", "old"):
+            for leftover in _siblings(path, kind):
+                if not _owner_alive(leftover):
+                    shutil.rmtree(leftover, ignore_errors=True)
+    return action
+
+
+def check_destination(path: str | os.PathLike[str], overwrite: bool = True) -> Path:
+    """Refuse, before any work, a destination we could not write or should not replace.
+
+    Errors name the path as given: `.` or any folder containing the current directory, a parent that
+    is a file, an existing file, an existing directory without `overwrite`, a read-only parent.
+    """
+    given = str(path)
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved == Path(resolved.anchor) or Path.cwd().resolve().is_relative_to(resolved):
+        raise CheckpointError(f"{given}: refusing to write over the current directory or one containing it")
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{given}: exists and is not a directory")
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{given}: already exists (pass overwrite=True / --overwrite to replace it)")
+    parent = resolved.parent
+    for ancestor in [parent, *parent.parents]:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise CheckpointError(f"{given}: {ancestor} is a file, not a directory")
+            try:  # a real probe: access() says yes to root even on read-only mounts
+                os.rmdir(tempfile.mkdtemp(prefix=".xlora-write-probe-", dir=ancestor))
+            except OSError as e:
+                raise CheckpointError(f"{given}: cannot write in {ancestor} ({e.strerror or e})") from None
+            break
+    return path
+
+
 @contextmanager
 def atomic_directory(path: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path`, on failure it vanishes."""
+    """Yield a temporary sibling directory; on success it replaces `path`, on failure it vanishes.
+
+    Whatever fails (the work, a rename, a kill), `path` is afterwards either the old directory,
+    untouched, or the complete new one; `recover_directory` finishes a replacement a kill interrupted.
+    """
     path = Path(path)
+    check_destination(path, overwrite=True)
+    recover_directory(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{path}: exists and is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    tmp.mkdir()
     try:
         yield tmp
+        new = path.parent / f".{path.name}.new-{tag}"
+        os.replace(tmp, new)  # complete from here on: recover_directory may promote it
+        tmp = new
+        _kill_point("new")
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
+            old = path.parent / f".{path.name}.old-{tag}"
+            os.replace(path, old)
+            _kill_point("swap")
+            try:
+                os.replace(new, path)
+            except BaseException:
+                os.replace(old, path)  # put the old directory back before reporting the failure
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, path)
+            os.replace(new, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _kill_point(name: str) -> None:
+    """Test hook: SIGKILL this process at a named step of a replacement (XLORA_TEST_KILL_SAVE_AT)."""
+    if os.environ.get("XLORA_TEST_KILL_SAVE_AT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")

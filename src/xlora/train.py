@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -10,7 +12,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .data import TokenizedDataset
-from .io import atomic_directory
+from .io import ADAPTER_FILES, atomic_directory, check_destination
+from .run_state import folder_fingerprint
 from .training import Regulariser, Trainer, TrainingArgs
 
 if TYPE_CHECKING:
@@ -28,6 +31,21 @@ class LoraOptions:
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     dropout: float = 0.05
     rslora: bool = False
+
+
+def base_identity(base: nn.Module) -> dict:
+    """The base model's architecture (its config without paths and versions), hashed for a run's identity."""
+    config = getattr(base, "config", None)
+    data = config.to_dict() if config is not None else {"class": type(base).__name__}
+    data = {k: v for k, v in data.items() if not k.startswith("_") and k != "transformers_version"}
+    text = json.dumps(data, sort_keys=True, default=str)
+    return {"model_type": data.get("model_type"), "config_sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
+
+def check_outputs(args: TrainingArgs) -> None:
+    """Fail before training, not after hours, when the model or run directory cannot be written."""
+    check_destination(args.output_dir, overwrite=True)
+    check_destination(args.run_path, overwrite=True)
 
 
 def _barrier() -> None:
@@ -48,6 +66,7 @@ def train_expert(
     from peft import LoraConfig, get_peft_model
 
     lora = lora or LoraOptions()
+    check_outputs(args)
     torch.manual_seed(args.seed)  # LoRA A init
     config = LoraConfig(
         r=lora.rank,
@@ -59,7 +78,8 @@ def train_expert(
     )
     peft_model = get_peft_model(base, config)
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-    trainer = Trainer(peft_model, trainable, train_dataset, eval_dataset, args, pad_token_id)
+    identity = {"kind": "expert", "lora": asdict(lora), "base": base_identity(base)}
+    trainer = Trainer(peft_model, trainable, train_dataset, eval_dataset, args, pad_token_id, identity=identity)
     try:
         records = trainer.fit()
         if trainer.rank == 0:
@@ -103,9 +123,22 @@ def train_gate(
 ) -> list[dict]:
     """Train only the classifier (next-token loss on the second pass) and save the X-LoRA
     checkpoint at `args.output_dir`. Returns the step log."""
+    check_outputs(args)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    experts = [
+        {"name": name, "sha256": folder_fingerprint(model.expert_sources[name][0], ADAPTER_FILES[:3])[:16]}
+        for name in model.expert_names
+    ]
+    identity = {"kind": "gate", "gate": model.config.to_dict(), "experts": experts, "base": base_identity(model.base)}
     trainer = Trainer(
-        model, trainable, train_dataset, eval_dataset, args, pad_token_id, regulariser=gate_regulariser(model, args)
+        model,
+        trainable,
+        train_dataset,
+        eval_dataset,
+        args,
+        pad_token_id,
+        regulariser=gate_regulariser(model, args),
+        identity=identity,
     )
     records = trainer.fit()
     if trainer.rank == 0:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -25,11 +26,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data import IGNORE, TokenizedDataset, collate
-from .io import atomic_directory
+from .run_state import (
+    RunError,
+    check_run_identity,
+    dataset_fingerprint,
+    find_checkpoint,
+    read_checkpoint_files,
+    truncate_metrics,
+    write_checkpoint,
+    write_run_identity,
+)
 
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -54,7 +63,7 @@ class TrainingArgs:
     save_every: int | None = None
     seed: int = 0
     precision: str = "auto"
-    resume: bool = False
+    resume: bool | str = False  # True: continue the run (error if it has no checkpoint); "auto": if it has one
     entropy_weight: float = 0.0  # gate only: + w * mean scalings entropy (w > 0 sharper, w < 0 smoother)
     balance_weight: float = 0.0  # gate only: + w * variance over experts of their mean weight
     progress: bool = True
@@ -70,6 +79,7 @@ class TrainingArgs:
             (self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}"),
             (self.warmup_steps >= 0, "warmup_steps", ">= 0"),
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "> 0 or None"),
+            (self.resume in (True, False, "auto"), "resume", "True, False or 'auto'"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -78,6 +88,11 @@ class TrainingArgs:
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path(f"{self.output_dir}-run")
+
+    def identity(self) -> dict:
+        """The arguments that decide what a run computes (a resume must not change them)."""
+        volatile = ("output_dir", "run_dir", "resume", "progress", "eval_every", "save_every")
+        return {k: v for k, v in asdict(self).items() if k not in volatile}
 
 
 def distributed() -> tuple[int, int]:
@@ -141,8 +156,12 @@ class Trainer:
         args: TrainingArgs,
         pad_id: int,
         regulariser: Regulariser | None = None,
+        identity: dict | None = None,
     ) -> None:
+        """`identity`: what the run trains beyond its arguments (model, experts, base), JSON-able;
+        stored in the run directory and compared on resume."""
         self.args, self.pad_id, self.regulariser = args, pad_id, regulariser
+        self.extra_identity = identity or {}
         self.world, self.rank = distributed()
         self.module = model
         self.trainable = trainable
@@ -193,56 +212,91 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.args.run_path / "checkpoint"
 
+    def run_identity(self) -> dict:
+        """Everything that must be equal for a resumed run to continue the same run."""
+        return {
+            "args": self.args.identity(),
+            "world_size": self.world,
+            "data": {"examples": len(self.train_ds), "sha256": dataset_fingerprint(self.train_ds)},
+            **self.extra_identity,
+        }
+
     def save_state(self) -> None:
         if self.rank == 0:
-            with atomic_directory(self.checkpoint_dir, overwrite=True) as tmp:
-                save_file(
-                    {k: v.detach().contiguous().cpu() for k, v in self.trainable.items()},
-                    str(tmp / "trainable.safetensors"),
-                )
-                state = {
-                    "step": self.step,
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate(),
-                }
-                if torch.cuda.is_available():
-                    state["cuda_rng"] = torch.cuda.get_rng_state_all()
-                torch.save(state, tmp / "state.pt")
-                (tmp / "args.json").write_text(json.dumps(asdict(self.args), indent=2))
+            state = {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+            }
+            if torch.cuda.is_available():
+                state["cuda_rng"] = torch.cuda.get_rng_state_all()
+            write_checkpoint(self.args.run_path, self.step, self.trainable, state)
         if dist.is_initialized():
             dist.barrier()
 
-    def load_state(self) -> bool:
-        if not (self.checkpoint_dir / "state.pt").is_file():
-            return False
-        weights = load_file(str(self.checkpoint_dir / "trainable.safetensors"))
+    def _found_checkpoint(self) -> tuple[Path, int] | None:
+        """Rank 0 recovers the newest complete checkpoint (after a kill mid-save); then all read it."""
+        found = find_checkpoint(self.args.run_path) if self.rank == 0 else None
+        if dist.is_initialized():
+            dist.barrier()
+            if self.rank != 0:
+                found = find_checkpoint(self.args.run_path)
+        return found
+
+    def load_state(self, folder: Path) -> None:
+        weights, state = read_checkpoint_files(folder)
         missing = sorted(set(self.trainable) - set(weights))
         if missing:
-            raise ValueError(
-                f"{self.checkpoint_dir}: checkpoint is of another model (it lacks {missing[:3]}); "
+            raise RunError(
+                f"{folder}: checkpoint is of another model (it lacks {missing[:3]}); "
                 "delete it or train into another run directory"
             )
         wrong = [k for k, p in self.trainable.items() if weights[k].shape != p.shape]
         if wrong:
             k = wrong[0]
-            raise ValueError(
-                f"{self.checkpoint_dir}: checkpoint is of another model ({k} is {list(weights[k].shape)}, "
+            raise RunError(
+                f"{folder}: checkpoint is of another model ({k} is {list(weights[k].shape)}, "
                 f"expected {list(self.trainable[k].shape)}); delete it or train into another run directory"
             )
         with torch.no_grad():
             for k, p in self.trainable.items():
                 p.copy_(weights[k].to(p.device, p.dtype))
-        state = torch.load(self.checkpoint_dir / "state.pt", map_location=self.device, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        random.setstate(state["python_rng"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"].cpu())
+            random.setstate(state["python_rng"])
+        except (ValueError, TypeError, KeyError, RuntimeError) as e:
+            raise RunError(f"{folder}: optimiser/scheduler/RNG state does not fit this run ({e})") from None
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = int(state["step"])
-        return True
+
+    def start(self) -> None:
+        """Resume (checking that nothing changed) or start afresh (clearing the run's old files)."""
+        run = self.args.run_path
+        identity = self.run_identity()
+        found = self._found_checkpoint() if self.args.resume else None
+        if self.args.resume is True and found is None:
+            raise RunError(f"{run}: --resume given but there is no checkpoint to resume from (drop --resume)")
+        if found is not None:
+            check_run_identity(run, identity)
+            folder, step = found
+            self.load_state(folder)
+            if self.rank == 0:
+                dropped = truncate_metrics(run, step)
+                note = f"; dropped {dropped} metrics rows past it" if dropped else ""
+                print(f"resumed from {folder} at step {step}/{self.total_steps}{note}")
+            return
+        if self.rank == 0:
+            for stale in (run / "metrics.jsonl", *run.glob(".checkpoint.*")):
+                _remove(stale)
+            _remove(self.checkpoint_dir)  # a fresh run never resumes into another run's checkpoint
+            write_run_identity(run, identity)
+        if dist.is_initialized():
+            dist.barrier()
 
     def log(self, record: dict) -> None:
         if self.rank == 0:
@@ -315,10 +369,7 @@ class Trainer:
         """Train to `total_steps` (resuming when asked); returns the step records logged."""
         torch.manual_seed(self.args.seed)
         random.seed(self.args.seed)
-        if self.args.resume and self.load_state() and self.rank == 0:
-            print(f"resumed from {self.checkpoint_dir} at step {self.step}/{self.total_steps}")
-        elif not self.args.resume and self.rank == 0 and (self.args.run_path / "metrics.jsonl").exists():
-            (self.args.run_path / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+        self.start()
         records = []
         bar = _progress(self.total_steps, self.step, enabled=self.args.progress and self.rank == 0)
         t0 = time.perf_counter()
@@ -353,6 +404,13 @@ class Trainer:
             self.log({"step": self.step, "eval_loss": final_eval})
             records.append({"step": self.step, "eval_loss": final_eval})
         return records
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
 
 
 class _null:
