@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .classifier import build_layers
 from .config import XLoraConfig, XLoraConfigError, read_json_object
-from .experts import ExpertError, ExpertSpec, load_experts, normalize_expert_spec
+from .experts import ExpertError, ExpertSpec, check_expert_name, load_experts, normalize_expert_spec
 
 if TYPE_CHECKING:
     from .model import XLoraModel
@@ -104,6 +105,23 @@ def expected_classifier_shapes(config: XLoraConfig, n_experts: int, n_layers: in
     return {f"layers.{k}": tuple(v.shape) for k, v in layers.state_dict().items()}
 
 
+def check_classifier_names(
+    state: dict[str, torch.Tensor], config: XLoraConfig, source: Path, missing_hint: str = ""
+) -> None:
+    """Refuse a classifier with missing tensors (checked before any expert is read: needs no shapes)."""
+    original_names = any(k.startswith(("inner.", "last.")) for k in state)
+    with torch.device("meta"):
+        expected = {f"layers.{k}" for k in build_layers(config, config.hidden_size or 1, 1).state_dict()}
+    missing = sorted(set(expected) - set(from_original_keys(state, config)))
+    if missing:
+        if original_names:  # report in the file's own naming
+            missing = sorted(to_original_keys(dict.fromkeys(missing), config))
+        raise CheckpointError(
+            f"{source}: classifier weights missing ({', '.join(missing)}); refusing to run with random weights"
+            + (f". {missing_hint}" if missing_hint else "")
+        )
+
+
 def check_classifier(
     state: dict[str, torch.Tensor],
     config: XLoraConfig,
@@ -113,17 +131,9 @@ def check_classifier(
     missing_hint: str = "",
 ) -> dict[str, torch.Tensor]:
     """Normalise keys and check every tensor against the config; return the PEFT-keyed state."""
-    original_names = any(k.startswith(("inner.", "last.")) for k in state)
+    check_classifier_names(state, config, source, missing_hint)
     state = from_original_keys(state, config)
     expected = expected_classifier_shapes(config, n_experts, n_layers)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        if original_names:  # report in the file's own naming
-            missing = sorted(to_original_keys(dict.fromkeys(missing), config))
-        raise CheckpointError(
-            f"{source}: classifier weights missing ({', '.join(missing)}); refusing to run with random weights"
-            + (f". {missing_hint}" if missing_hint else "")
-        )
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise CheckpointError(
@@ -132,6 +142,12 @@ def check_classifier(
             f"use_bias={config.use_bias}"
         )
     for key, value in state.items():
+        if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+            raise CheckpointError(
+                f"{source}: classifier tensor {key} holds "
+                + ("non-float values" if not value.is_floating_point() else "NaN or infinite values")
+                + "; refusing to run with it"
+            )
         if tuple(value.shape) != expected[key]:
             raise CheckpointError(
                 f"{source}: classifier tensor {key} has shape {tuple(value.shape)}, expected "
@@ -144,7 +160,10 @@ def check_classifier(
 def load_classifier_state(path: Path) -> dict[str, torch.Tensor]:
     """Read classifier tensors from `.safetensors` or a `.pt`/`.bin` state dict (weights only)."""
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -331,7 +350,7 @@ def write_native(contents: CheckpointContents, path: Path, overwrite: bool = Tru
         contents.config.to_json_file(tmp / CONFIG_NAME, extra=extra)
         save_file(to_original_keys(contents.classifier, contents.config), str(tmp / CLASSIFIER_NAME))
         for i, name in enumerate(contents.names):
-            contents.write_expert(i, tmp / name)
+            contents.write_expert(i, tmp / check_expert_name(name))
     return Path(path)
 
 
@@ -371,10 +390,25 @@ def read_native_config(path: Path) -> tuple[XLoraConfig, list[str], dict]:
     config = XLoraConfig.from_dict(data, source=str(cfg_path), ignore=EXTRA_FIELDS)
     adapters = data.get("adapters")
     if isinstance(adapters, dict) or (isinstance(adapters, list) and all(isinstance(a, str) for a in adapters)):
-        names = list(adapters)
+        names = [check_expert_name(n, f"{cfg_path}: field 'adapters'") for n in adapters]
     else:
         raise XLoraConfigError(f"{cfg_path}: field 'adapters' must list the expert names, got {adapters!r}")
+    if not names or len(set(names)) != len(names):
+        raise XLoraConfigError(f"{cfg_path}: field 'adapters' must list distinct expert names, got {names!r}")
     return config, names, data
+
+
+def stored_expert_path(checkpoint: Path, stored: object) -> Path | None:
+    """A path a checkpoint's own file names for an expert, if it stays inside the checkpoint.
+
+    Relative paths are relative to the checkpoint (not the working directory). A path leading
+    elsewhere (another machine's absolute path, `../x`, a symlink out) is ignored: only paths the
+    caller passes (`adapters=`) may point outside the checkpoint.
+    """
+    if not isinstance(stored, str) or not stored:
+        return None
+    resolved = (checkpoint / stored).resolve()
+    return resolved if resolved.is_relative_to(checkpoint.resolve()) else None
 
 
 def resolve_expert_dirs(
@@ -390,10 +424,15 @@ def resolve_expert_dirs(
             )
         return [p for _, p in pairs]
     dirs = []
+    root = path.resolve()
     for name, options in zip(names, candidates):
-        found = next((p for p in options if p.is_dir()), None)
+        inside = [p for p in options if p.resolve().is_relative_to(root)]
+        found = next((p for p in inside if p.is_dir()), None)
         if found is None:
-            raise CheckpointError(f"{path}: adapter folder {options[0].name}/ for expert {name!r} is missing")
+            raise CheckpointError(
+                f"{path}: adapter folder {options[0].name}/ for expert {name!r} is missing (expert folders "
+                "must be inside the checkpoint; pass adapters={...} to load experts from elsewhere)"
+            )
         dirs.append(found)
     return dirs
 
@@ -401,7 +440,7 @@ def resolve_expert_dirs(
 def read_native(path: Path, adapters: ExpertSpec | None = None) -> StoredCheckpoint:
     config, names, data = read_native_config(path)
     stored = data.get("adapters") if isinstance(data.get("adapters"), dict) else {}
-    candidates = [[path / n] + ([Path(stored[n])] if stored.get(n) else []) for n in names]
+    candidates = [[path / n] + [p for p in [stored_expert_path(path, stored.get(n))] if p is not None] for n in names]
     dirs = resolve_expert_dirs(path, names, candidates, adapters)
     clf_path = path / CLASSIFIER_NAME
     if not clf_path.is_file():
@@ -421,6 +460,8 @@ def read_native(path: Path, adapters: ExpertSpec | None = None) -> StoredCheckpo
 def detect_format(path: Path) -> str:
     """'native' (xlora_config.json) or 'peft' (adapter_config.json with peft_type XLORA)."""
     path = Path(path)
+    if not path.is_dir():
+        recover_directory(path)  # a save killed between its two renames leaves the complete copy aside
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
     if (path / CONFIG_NAME).is_file():
@@ -450,6 +491,7 @@ def load_checkpoint(base: nn.Module, path: Path, adapters: ExpertSpec | None = N
     from .model import XLoraModel
 
     stored = read_checkpoint(Path(path), adapters)
+    check_classifier_names(stored.classifier, stored.config, stored.classifier_path, stored.missing_hint)
     experts, modules = load_experts(base, list(zip(stored.names, stored.expert_dirs)))
     # check the classifier before touching the base model
     if stored.config.hidden_size is None:

@@ -19,14 +19,16 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from .config import XLoraConfig, XLoraConfigError, read_json_object, write_text_atomic
-from .experts import ExpertSpec
+from .experts import ExpertError, ExpertSpec, check_expert_name
 from .io import (
     CheckpointContents,
     CheckpointError,
     StoredCheckpoint,
     atomic_directory,
+    check_destination,
     load_classifier_state,
     resolve_expert_dirs,
+    stored_expert_path,
 )
 
 PREFIX = "base_model.internal_xlora_classifier."
@@ -63,6 +65,14 @@ def sanitize_names(raw: list[str], source: Path) -> list[str]:
     return out
 
 
+def _is_plain_folder_name(key: str) -> bool:
+    try:
+        check_expert_name(key)
+    except ExpertError:
+        return False
+    return True
+
+
 def read_peft(path: Path, adapters: ExpertSpec | None = None) -> StoredCheckpoint:
     cfg_path = path / "adapter_config.json"
     data = read_json_object(cfg_path)
@@ -77,9 +87,18 @@ def read_peft(path: Path, adapters: ExpertSpec | None = None) -> StoredCheckpoin
         names = read_json_object(names_file).get("names")
         if not isinstance(names, list) or len(names) != len(keys):
             raise CheckpointError(f"{names_file}: expected 'names' listing {len(keys)} expert names")
+        names = [check_expert_name(n, names_file) for n in names]
+        if len(set(names)) != len(names):
+            raise CheckpointError(f"{names_file}: expert names must be distinct, got {names!r}")
     else:
         names = sanitize_names(keys, cfg_path)
-    candidates = [[Path(str(stored[k])), path / k] for k in keys]
+    # the checkpoint's own folder first (a copied checkpoint must not load the original's experts),
+    # then the stored path only if it stays inside the checkpoint
+    candidates = []
+    for key, clean in zip(keys, sanitize_names(keys, cfg_path)):
+        own = path / (key if _is_plain_folder_name(key) else clean)
+        elsewhere = stored_expert_path(path, stored[key])
+        candidates.append([own] + ([elsewhere] if elsewhere is not None else []))
     dirs = resolve_expert_dirs(path, names, candidates, adapters)
     clf_path = next((p for p in (path / "adapter_model.safetensors", path / "adapter_model.bin") if p.is_file()), None)
     if clf_path is None:
@@ -125,6 +144,7 @@ def peft_config_dict(contents: CheckpointContents, final: Path) -> dict:
 
 def write_peft(contents: CheckpointContents, path: Path, overwrite: bool = True) -> Path:
     """Write a PEFT X-LoRA directory (atomically) that `PeftModel.from_pretrained` loads as is."""
+    check_destination(path, overwrite)  # errors name the path as the caller gave it
     final = Path(path).resolve()
     config = peft_config_dict(contents, final)
     with atomic_directory(final, overwrite) as tmp:

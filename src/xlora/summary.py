@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import read_json_object
 from .experts import _KEY_RE, ExpertError
@@ -17,12 +17,15 @@ def _adapter_summary(name: str, folder: Path) -> dict[str, str | int]:
     modules: set[str] = set()
     st = folder / "adapter_model.safetensors"
     if st.is_file():
-        with safe_open(str(st), framework="pt") as f:
-            for key in f.keys():
-                m = _KEY_RE.match(key)
-                if m and m["ab"] == "A":
-                    modules.add(m["module"])
-                    ranks.add(f.get_slice(key).get_shape()[0])
+        try:
+            with safe_open(str(st), framework="pt") as f:
+                for key in f.keys():
+                    m = _KEY_RE.match(key)
+                    if m and m["ab"] == "A":
+                        modules.add(m["module"])
+                        ranks.add(f.get_slice(key).get_shape()[0])
+        except (SafetensorError, OSError) as e:
+            raise ExpertError(f"expert {name!r}: {st} is not a readable safetensors file ({e})") from None
     targets = sorted({m.rsplit(".", 1)[-1] for m in modules}) or cfg.get("target_modules") or []
     return {
         "name": name,
@@ -40,10 +43,12 @@ def describe(path: Path) -> tuple[dict | None, list[dict]]:
     if (path / CONFIG_NAME).is_file():
         config, names, data = read_native_config(path)
         experts = []
-        for name in names:
+        for name in names:  # names are checked by read_native_config: no separators, no ".."
             folder = path / name
             if not folder.is_dir():
                 raise ExpertError(f"{path}: adapter folder {name}/ is missing")
+            if not folder.resolve().is_relative_to(path.resolve()):
+                raise ExpertError(f"{path}: adapter folder {name}/ leads outside the checkpoint (a symlink?)")
             experts.append(_adapter_summary(name, folder))
         summary = config.to_dict()
         summary["base_model_id"] = data.get("base_model_id")
