@@ -3,7 +3,7 @@ checkpoint under inference-time changes (softmax temperature, top-1, global weig
 domain's expert forced on parts of the sequence (oracle, evaluation only), and of each single
 expert at other scales.
 
-    python experiments/routing_diagnostics.py --checkpoint models/xlora-science --work xlora-reproduce
+    python experiments/routing_diagnostics.py --checkpoint src/xlora/science/shipped/xlora-science --work xlora-reproduce
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def shared_prefix(tok, data: Path) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, default=Path("models/xlora-science"))
+    p.add_argument("--checkpoint", type=Path, default=Path("src/xlora/science/shipped/xlora-science"))
     p.add_argument("--work", type=Path, default=Path("xlora-reproduce"))
     a = p.parse_args()
     data = a.work / "data"

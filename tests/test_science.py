@@ -216,13 +216,13 @@ def test_plot_scalings_cli(tiny, tmp_path):
 
 @pytest.mark.embedded
 def test_shipped_demo_answers(tmp_path):
-    """The committed models/xlora-science checkpoint loads on the embedded base and answers."""
+    """The shipped (package data) xlora-science checkpoint loads on the embedded base and answers."""
     from typer.testing import CliRunner
 
     from xlora.cli import app
     from xlora.cli_science import shipped_checkpoint
 
-    assert shipped_checkpoint() is not None, "models/xlora-science is missing: run `xlora reproduce`"
+    assert shipped_checkpoint() is not None, "the packaged xlora-science checkpoint is missing"
     r = CliRunner().invoke(app, ["demo", "--figures", str(tmp_path / "fig")])
     assert r.exit_code == 0, r.output
     assert r.output.count("dominant expert:") == 3 and "| X-LoRA (trained gate) |" in r.output

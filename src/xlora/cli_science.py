@@ -13,13 +13,17 @@ from .cli import _fail, app, out
 SHIPPED = "xlora-science"
 
 
+# The checkpoint `xlora reproduce` made, shipped inside the package (package data, 5.8 MB), so the
+# demo runs from any folder after a plain `pip install`.
+PACKAGED = Path(__file__).resolve().parent / "science" / "shipped" / SHIPPED
+
+
 def shipped_checkpoint() -> Path | None:
-    """The checkpoint `xlora reproduce` produced: $XLORA_MODELS, ./models, or the source tree's models/."""
+    """The demo checkpoint: `$XLORA_MODELS/xlora-science` if set, else the copy inside the package."""
     candidates = []
     if os.environ.get("XLORA_MODELS"):
         candidates.append(Path(os.environ["XLORA_MODELS"]) / SHIPPED)
-    candidates.append(Path.cwd() / "models" / SHIPPED)
-    candidates.append(Path(__file__).resolve().parents[2] / "models" / SHIPPED)  # editable install / checkout
+    candidates.append(PACKAGED)
     return next((c for c in candidates if (c / "xlora_config.json").is_file()), None)
 
 
@@ -79,7 +83,7 @@ DEMO_PROMPTS = {
 
 @app.command()
 def demo(
-    checkpoint: Annotated[Path | None, typer.Option(help="Default: the shipped models/xlora-science.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Default: the science checkpoint shipped in the package.")] = None,
     figures: Annotated[Path, typer.Option(help="Where to write the routing figures.")] = Path("xlora-demo"),
 ) -> None:
     """Answer one prompt per task with the shipped X-LoRA model, show which expert led, plot routing."""
@@ -90,7 +94,7 @@ def demo(
 
     ck = checkpoint or shipped_checkpoint()
     if ck is None:
-        _fail("no shipped model found (models/xlora-science); make it with `xlora reproduce` (about 30 min on 2 cores)")
+        _fail(f"no shipped model found ({PACKAGED}); reinstall xlora, or make one with `xlora reproduce`")
         return
     try:
         base, tok = load_base("default")
