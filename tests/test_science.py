@@ -220,9 +220,9 @@ def test_shipped_demo_answers(tmp_path):
     from typer.testing import CliRunner
 
     from xlora.cli import app
-    from xlora.cli_science import shipped_checkpoint
+    from xlora.science import shipped_checkpoint
 
-    assert shipped_checkpoint() is not None, "the packaged xlora-science checkpoint is missing"
+    assert (shipped_checkpoint() / "xlora_config.json").is_file()
     r = CliRunner().invoke(app, ["demo", "--figures", str(tmp_path / "fig")])
     assert r.exit_code == 0, r.output
     assert r.output.count("dominant expert:") == 3 and "| X-LoRA (trained gate) |" in r.output

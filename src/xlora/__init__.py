@@ -10,6 +10,7 @@ from .io import CheckpointError
 from .layers import XLoraLinear
 from .model import XLoraModel
 from .scalings_log import load_scalings_log
+from .science import shipped_checkpoint
 
 __all__ = [
     "CheckpointError",
@@ -28,6 +29,7 @@ __all__ = [
     "load_base",
     "load_default_base",
     "load_scalings_log",
+    "shipped_checkpoint",
     "xLoRAConfig",
 ]
 __version__ = "0.1.0"

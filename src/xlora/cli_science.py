@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .cli import _fail, app, out
-
-SHIPPED = "xlora-science"
-
-
-# The checkpoint `xlora reproduce` made, shipped inside the package (package data, 5.8 MB), so the
-# demo runs from any folder after a plain `pip install`.
-PACKAGED = Path(__file__).resolve().parent / "science" / "shipped" / SHIPPED
-
-
-def shipped_checkpoint() -> Path | None:
-    """The demo checkpoint: `$XLORA_MODELS/xlora-science` if set, else the copy inside the package."""
-    candidates = []
-    if os.environ.get("XLORA_MODELS"):
-        candidates.append(Path(os.environ["XLORA_MODELS"]) / SHIPPED)
-    candidates.append(PACKAGED)
-    return next((c for c in candidates if (c / "xlora_config.json").is_file()), None)
+from .science import SHIPPED, shipped_checkpoint
 
 
 @app.command()
@@ -83,7 +67,7 @@ DEMO_PROMPTS = {
 
 @app.command()
 def demo(
-    checkpoint: Annotated[Path | None, typer.Option(help="Default: the science checkpoint shipped in the package.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Default: the shipped science checkpoint.")] = None,
     figures: Annotated[Path, typer.Option(help="Where to write the routing figures.")] = Path("xlora-demo"),
 ) -> None:
     """Answer one prompt per task with the shipped X-LoRA model, show which expert led, plot routing."""
@@ -92,11 +76,8 @@ def demo(
     from .science.figures import heatmaps, routing_for, token_weights
     from .science.pipeline import MAX_NEW_TOKENS
 
-    ck = checkpoint or shipped_checkpoint()
-    if ck is None:
-        _fail(f"no shipped model found ({PACKAGED}); reinstall xlora, or make one with `xlora reproduce`")
-        return
     try:
+        ck = checkpoint or shipped_checkpoint()
         base, tok = load_base("default")
         model = XLoraModel.from_pretrained(base, ck)
     except (ValueError, FileNotFoundError, OSError) as e:
