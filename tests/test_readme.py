@@ -1,0 +1,89 @@
+"""Every ```python block of the README runs as written, on the embedded base and the shipped experts."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.embedded
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def test_the_readme_has_the_blocks_this_test_knows():
+    blocks = python_blocks()
+    assert len(blocks) == 2, "a Python block was added or removed: run it here too"
+    assert "from_experts" in blocks[0] and "openai.OpenAI" in blocks[1]
+
+
+def test_api_block_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # it writes my-xlora/ into the working directory
+    namespace: dict = {}
+    exec(compile(python_blocks()[0], "README.md[python 1]", "exec"), namespace)
+    model, again, ids = namespace["model"], namespace["again"], namespace["ids"]
+    assert (tmp_path / "my-xlora" / "xlora_config.json").is_file()
+    assert namespace["s"].shape[2:] == (again.n_layers, 2)  # the last decoding step's scalings
+    assert model.n_layers == 0 and again.n_layers == 60  # unload() gave the plain base back
+    assert again.expert_names == ["properties", "peptides"]
+    ids_out = namespace["ids_out"]
+    assert ids_out.shape[1] <= ids.shape[1] + 16
+    assert capsys.readouterr().out.strip() != ""  # it printed the answer
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_serving_block_runs_against_xlora_serve(tmp_path, capsys):
+    """The block talks to `xlora serve --checkpoint my-xlora` on port 8000: start that server here."""
+    import uvicorn
+
+    from xlora import XLoraConfig, XLoraModel, load_default_base, shipped_checkpoint
+    from xlora.server import create_app
+    from xlora.serving import Engine
+
+    base, tok = load_default_base()
+    shipped = shipped_checkpoint()
+    model = XLoraModel.from_experts(
+        base,
+        {"properties": shipped / "molecule-properties", "peptides": shipped / "peptides"},
+        XLoraConfig(xlora_depth=2, xlora_size=32, layerwise_scalings=True),
+    )
+    code = python_blocks()[1]
+    port = 8000
+    if not _port_free(port):  # another program holds 8000 here: same code, another port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        code = code.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(Engine(model, tok), "my-xlora"), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(400):
+            if server.started:
+                break
+            time.sleep(0.05)
+        namespace: dict = {}
+        exec(compile(code, "README.md[python 2]", "exec"), namespace)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    summary = namespace["r"].model_extra["xlora"]["summary"]
+    assert set(summary) == {"properties", "peptides"}
+    assert capsys.readouterr().out.count("\n") >= 2
