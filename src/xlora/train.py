@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -76,7 +77,9 @@ def train_expert(
         use_rslora=lora.rslora,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(base, config)
+    with warnings.catch_warnings():  # PEFT reads a transformers attribute renamed in 5.x: not the user's concern
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(base, config)
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     identity = {"kind": "expert", "lora": asdict(lora), "base": base_identity(base)}
     trainer = Trainer(peft_model, trainable, train_dataset, eval_dataset, args, pad_token_id, identity=identity)
