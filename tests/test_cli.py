@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import torch
 from helpers import add_tiny_tokenizer, load_base
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from xlora import XLoraConfig, XLoraModel
@@ -80,3 +82,140 @@ def test_info(tok_base, tmp_path):
     assert r.exit_code == 0 and "yes" in r.output  # rsLoRA
     r = runner.invoke(app, ["info", str(tmp_path)])
     assert r.exit_code == 2 and "neither an X-LoRA checkpoint" in r.output
+
+
+def one_error_line(result) -> str:
+    """The single `error: ...` line that ends a failed command (no traceback; notes may precede it)."""
+    lines = [line for line in result.output.splitlines() if line.strip() and "Loading weights" not in line]
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # no traceback
+    assert "Traceback" not in result.output
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output
+    return errors[0]
+
+
+def test_every_command_runs_under_the_error_guard():
+    """Commands registered here, in cli_train.py and in cli_science.py are all wrapped."""
+    names = {info.name or info.callback.__name__ for info in app.registered_commands}
+    assert {"generate", "info", "convert", "serve", "train-expert", "train-gate", "reproduce", "eval"} <= names
+    for info in app.registered_commands:
+        assert hasattr(info.callback, "__wrapped__"), info.name
+
+
+def _boom(exc: BaseException):
+    def raise_it(*args, **kwargs):
+        raise exc
+
+    return raise_it
+
+
+def _errors():
+    import json
+    import pickle
+
+    from safetensors import SafetensorError
+
+    from xlora import CheckpointError, ExpertError, XLoraConfigError
+
+    return [
+        SafetensorError("Error while deserializing header: incomplete metadata"),
+        json.JSONDecodeError("Expecting value", "{", 0),
+        UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid continuation byte"),
+        FileNotFoundError("x.json: file not found"),
+        PermissionError(13, "Permission denied", "/root/x"),
+        ExpertError("expert 'a': bad\nsecond line"),
+        CheckpointError("ck: bad"),
+        XLoraConfigError("XLoraConfig.xlora_depth: expected an integer >= 1, got 0"),
+        ValueError("plain"),
+        pickle.UnpicklingError("bad pickle"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "target, args",
+    [
+        ("xlora.summary.describe", ["info", "somewhere"]),
+        ("xlora.convert.convert_checkpoint", ["convert", "a", "b"]),
+        ("xlora.base_models.load_base", ["train-expert", "--data", "d.jsonl", "--out", "o"]),  # cli_train.py
+        ("xlora.base_models.load_base", ["train-gate", "--data", "d.jsonl", "--out", "o", "-e", "a=b"]),
+        ("xlora.science.figures.plot_log", ["plot-scalings", "log"]),  # cli_science.py
+    ],
+)
+def test_expected_errors_are_one_line_in_every_command(monkeypatch, target, args):
+    module, _, name = target.rpartition(".")
+    for exc in _errors():
+        monkeypatch.setattr(f"{module}.{name}", _boom(exc))
+        line = one_error_line(runner.invoke(app, args))
+        assert str(exc).splitlines()[0] in line
+    monkeypatch.setattr(f"{module}.{name}", _boom(RuntimeError("a real bug")))
+    result = runner.invoke(app, args)  # internal faults keep their traceback
+    assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)
+
+
+def test_generate_option_errors(tok_base, tmp_path):
+    base_dir, experts = tok_base
+    args = ["generate", "--base", str(base_dir), "-p", "w1"]
+    assert "--temperature: expected a number >= 0" in one_error_line(runner.invoke(app, [*args, "--temperature", "-1"]))
+    assert "got nan" in one_error_line(runner.invoke(app, [*args, "--temperature", "nan"]))
+    assert "--top-p only apply when sampling" in one_error_line(runner.invoke(app, [*args, "--top-p", "0.5"]))
+    line = one_error_line(runner.invoke(app, [*args, "--temperature", "1", "--top-p", "2"]))
+    assert "--top-p: expected a number in (0, 1]" in line
+    line = one_error_line(runner.invoke(app, [*args, "-e", f"c={experts['chem']}", "--reuse-scalings-after", "0"]))
+    assert "--reuse-scalings-after: expected an integer >= 1" in line
+    long = ["--no-chat", "-p", " ".join(["w1"] * 600)]
+    for extra in ([], ["-e", f"c={experts['chem']}"]):  # base model and X-LoRA
+        line = one_error_line(runner.invoke(app, [*args, *long, *extra]))
+        assert "600 prompt tokens + max_new_tokens=64 exceed the model's context of 512" in line
+
+
+def test_bad_adapter_and_data_files_are_one_line(tok_base, tmp_path):
+    base_dir, experts = tok_base
+    nan = tmp_path / "nan"
+    shutil.copytree(experts["chem"], nan)
+    tensors = load_file(str(nan / "adapter_model.safetensors"))
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(nan / "adapter_model.safetensors"))
+    r = runner.invoke(app, ["generate", "--base", str(base_dir), "-p", "w1", "-e", f"c={nan}"])
+    assert f"{nan}/adapter_model.safetensors: tensor {key} has 1 non-finite" in one_error_line(r)
+
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"text": "w1"}\n{"text": "caf\xe9"}\n'.encode("latin-1"))
+    r = runner.invoke(
+        app, ["train-expert", "--base", str(base_dir), "--data", str(latin), "--out", str(tmp_path / "o")]
+    )
+    assert f"{latin}:2: not valid UTF-8" in one_error_line(r)
+
+
+def test_dropped_examples_are_a_warning_line(tok_base, tmp_path, monkeypatch):
+    base_dir, _ = tok_base
+    monkeypatch.setattr("xlora.train.train_expert", lambda *a, **k: [])  # only the data loading matters here
+    data = tmp_path / "d.jsonl"
+    long = " ".join(f"w{i % 90}" for i in range(40))
+    data.write_text(f'{{"prompt": "{long}", "completion": "w1"}}\n{{"prompt": "w1", "completion": "w2"}}\n')
+    r = runner.invoke(
+        app,
+        [
+            "train-expert",
+            "--base",
+            str(base_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "o"),
+            "--max-length",
+            "16",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert re.search(r"warning: \S+d\.jsonl: of 2 examples, 1 dropped \(no loss token within max_length=16", r.output)
+
+
+def test_help_shows_no_bool_type_after_flags():
+    """typer's rich help printed `--help <bool>` (as if --help took a value) for every flag."""
+    names = [info.name or info.callback.__name__ for info in app.registered_commands]
+    for args in [["--help"], *[[name, "--help"] for name in names]]:
+        r = runner.invoke(app, args, env={"COLUMNS": "200"})
+        assert r.exit_code == 0, (args, r.output)
+        assert "--help" in r.output and "<bool>" not in r.output, (args, r.output)

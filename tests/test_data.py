@@ -8,7 +8,7 @@ import pytest
 from helpers import add_tiny_tokenizer, make_base
 from transformers import AutoTokenizer
 
-from xlora.data import IGNORE, DataError, collate, load_dataset
+from xlora.data import IGNORE, DataError, DataWarning, collate, load_dataset
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,65 @@ def test_collate_right_pads(tok, tmp_path):
     b = collate([ds[0], ds[1]], pad_id=0)
     assert b["input_ids"].shape == (2, 4)
     assert b["attention_mask"][1].tolist() == [1, 1, 0, 0] and b["labels"][1].tolist()[2:] == [IGNORE, IGNORE]
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.csv"])
+def test_non_utf8_names_file_and_line(tok, tmp_path, name):
+    p = tmp_path / name
+    head = "text\n" if name.endswith(".csv") else ""
+    row = (
+        (lambda s: s + "\n")
+        if name.endswith(".csv")
+        else (lambda s: json.dumps({"text": s}, ensure_ascii=False) + "\n")
+    )
+    p.write_bytes((head + row("w1 w2") + row("caf\xe9")).encode("latin-1"))
+    line = 3 if name.endswith(".csv") else 2
+    with pytest.raises(DataError, match=rf"{name}:{line}: not valid UTF-8 \(byte 0xe9"):
+        load_dataset(p, tok)
+
+
+def test_utf8_bom_is_fine(tok, tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\ufeff" + json.dumps({"text": "w1 w2"}) + "\n", encoding="utf-8")
+    assert len(load_dataset(p, tok)) == 1
+
+
+def test_dropped_and_truncated_examples_are_reported(tok, tmp_path):
+    long = " ".join(f"w{i % 90}" for i in range(40))
+    rows = [
+        {"prompt": long, "completion": "w1"},  # the completion lies beyond max_length: dropped
+        {"prompt": "w1", "completion": "w2"},
+        {"text": long},  # truncated, still has loss tokens
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.warns(
+        DataWarning,
+        match=r"d\.jsonl: of 3 examples, 1 dropped \(no loss token within max_length=16; line 1\), 1 truncated",
+    ):
+        ds = load_dataset(path, tok, max_length=16)
+    assert len(ds) == 2 and (ds.n_dropped, ds.n_truncated) == (1, 1)
+    with pytest.raises(
+        DataError, match=r"d2\.jsonl: of 1 examples, 1 dropped .*max_length=16.*nothing left to train on"
+    ):
+        load_dataset(write_jsonl(tmp_path / "d2.jsonl", rows[:1]), tok, max_length=16)
+    with pytest.raises(DataError, match=r"max_length: expected an integer >= 2, got 0"):
+        load_dataset(path, tok, max_length=0)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("d.csv", "prompt,completion\nw1,w2,w3\n", r"d.csv:2: more fields than the header's 2"),
+        ("d.json", '[\n {"text": "w1"}\n]\n', r"d.json:1: invalid JSON .*not a JSON array"),
+        (
+            "d.jsonl",
+            '{"messages": [{"role": "assistant", "content": "w1"}, {"role": "user", "content": "w2"}]}\n',
+            r"d.jsonl:1: the first message is the assistant's",
+        ),
+    ],
+)
+def test_more_malformed_files(tok, tmp_path, name, content, message):
+    p = tmp_path / name
+    p.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_dataset(p, tok)

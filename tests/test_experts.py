@@ -167,3 +167,126 @@ def test_gpt2_conv1d(tmp_path):
         expected = reference(input_ids=ids).logits
         torch.testing.assert_close(ours(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
         assert (expected - base()(input_ids=ids).logits).abs().max() > 1e-3
+
+
+def _poison(value: float, which: str):
+    """Tensor edit: put `value` into the first lora_A or lora_B tensor."""
+
+    def edit(t):
+        key = sorted(k for k in t if which in k)[0]
+        t[key] = t[key].clone()
+        t[key][0, 0] = value
+        return t
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit_config, edit_tensors, message",
+    [
+        # non-finite or non-float tensors: refused at load, naming the file and the tensor
+        (
+            None,
+            _poison(float("nan"), "lora_A"),
+            r"adapter_model\.safetensors: tensor \S+lora_A\.weight has 1 non-finite",
+        ),
+        (
+            None,
+            _poison(float("inf"), "lora_B"),
+            r"adapter_model\.safetensors: tensor \S+lora_B\.weight has 1 non-finite",
+        ),
+        (None, lambda t: {k: v.to(torch.int32) for k, v in t.items()}, r"tensor \S+ has dtype torch\.int32"),
+        # adapter_config.json values: ExpertError naming the file and the field
+        (lambda c: c.update(lora_alpha="sixteen"), None, r"adapter_config\.json: field 'lora_alpha': .*'sixteen'"),
+        (lambda c: c.update(lora_alpha=None), None, r"adapter_config\.json: field 'lora_alpha': .*got None"),
+        (lambda c: c.update(lora_alpha=0), None, r"field 'lora_alpha': expected a finite number > 0"),
+        (
+            lambda c: c.update(alpha_pattern={"v_proj(": 4}),
+            None,
+            r"adapter_config\.json: field 'alpha_pattern'.*v_proj\(",
+        ),
+        (lambda c: c.update(rank_pattern={"[q": 2}), None, r"adapter_config\.json: field 'rank_pattern'.*\[q"),
+        (lambda c: c.update(alpha_pattern={"v_proj": "big"}), None, r"field \"alpha_pattern\['v_proj'\]\": .*'big'"),
+        (lambda c: c.update(alpha_pattern=["v_proj"]), None, r"field 'alpha_pattern': expected an object"),
+        (
+            lambda c: c.update(rank_pattern={"v_proj": 2.5}),
+            None,
+            r"field \"rank_pattern\['v_proj'\]\": expected an int",
+        ),
+        (lambda c: c.update(r=0), None, r"adapter_config\.json: field 'r': expected an integer >= 1, got 0"),
+        (lambda c: c.update(r="4"), None, r"field 'r': expected an integer >= 1, got '4'"),
+        (lambda c: c.update(use_rslora="yes"), None, r"field 'use_rslora': expected true or false"),
+        (lambda c: c.update(r=8), None, r"rank 4 in its tensors but \S+adapter_config\.json field 'r' says 8"),
+        (lambda c: c.update(rank_pattern={"v_proj": 2}), None, r"field \"rank_pattern\['v_proj'\]\" says 2"),
+        (
+            lambda c: c.pop("r"),
+            lambda t: {k: v[:0] if "lora_A" in k else v[:, :0] for k, v in t.items()},
+            r"has rank 0 in \S+adapter_model\.safetensors",
+        ),
+    ],
+)
+def test_bad_values_name_file_and_field(tiny, tmp_path, edit_config, edit_tensors, message):
+    base_dir, experts = tiny
+    bad = copy_adapter(experts["chem"], tmp_path / "bad", edit_config, edit_tensors)
+    with pytest.raises(ExpertError, match=r"expert 'bad': .*" + message):
+        XLoraModel.from_experts(load_base(base_dir), {"ok": experts["cot"], "bad": bad})
+
+
+def test_nan_in_bin_adapter(tiny, tmp_path):
+    base_dir, experts = tiny
+    d = tmp_path / "nanbin"
+    d.mkdir()
+    shutil.copy(experts["chem"] / "adapter_config.json", d)
+    torch.save(
+        _poison(float("nan"), "lora_B")(load_file(str(experts["chem"] / "adapter_model.safetensors"))),
+        d / "adapter_model.bin",
+    )
+    with pytest.raises(ExpertError, match=r"adapter_model\.bin: tensor \S+lora_B\.weight has 1 non-finite"):
+        XLoraModel.from_experts(load_base(base_dir), {"nanbin": d})
+
+
+@pytest.mark.parametrize("cut", [lambda b: b[: len(b) // 2], lambda b: b[:5], lambda b: b"not a safetensors file" * 4])
+def test_corrupt_safetensors_is_an_expert_error(tiny, tmp_path, cut):
+    base_dir, experts = tiny
+    d = copy_adapter(experts["chem"], tmp_path / "broken")
+    f = d / "adapter_model.safetensors"
+    f.write_bytes(cut(f.read_bytes()))
+    with pytest.raises(ExpertError, match=r"expert 'broken': cannot read \S+broken/adapter_model\.safetensors"):
+        XLoraModel.from_experts(load_base(base_dir), {"broken": d})
+
+
+def test_embedding_adapter_says_embeddings_are_unsupported(tiny, tmp_path):
+    """A real PEFT adapter targeting embed_tokens (keys `...embed_tokens.base_layer.weight`,
+    `lora_embedding_A/B`, in that sorted order) must not be reported as "not a LoRA A/B weight"."""
+    base_dir, _ = tiny
+    with pytest.warns(UserWarning):  # PEFT: "Setting `save_embedding_layers` to `True`"
+        d = make_adapter(base_dir, tmp_path / "emb", 4, 8, ["embed_tokens", "q_proj"], seed=5)
+    assert any("lora_embedding_A" in k for k in load_file(str(d / "adapter_model.safetensors")))
+    with pytest.raises(
+        ExpertError, match=r"adapts the embedding model\.embed_tokens; embedding adapters are not supported"
+    ):
+        XLoraModel.from_experts(load_base(base_dir), {"emb": d})
+
+
+def test_lm_head_adapter_matches_peft_and_a_foreign_head_is_refused(tiny, tmp_path):
+    """PEFT saves a copy of a targeted lm_head (`lm_head.base_layer.weight`): equal to the base's, the
+    adapter works (one expert under softmax = PEFT's plain LoRA, also when decoding with
+    logits_to_keep); a different copy (another base model) is an error, never silently ignored."""
+    from peft import PeftModel
+
+    base_dir, experts = tiny
+    with pytest.warns(UserWarning):
+        d = make_adapter(base_dir, tmp_path / "head", 4, 8, ["lm_head", "q_proj"], seed=6)
+    ids = torch.randint(3, 128, (2, 7))
+    ours = XLoraModel.from_experts(load_base(base_dir), {"head": d})
+    reference = PeftModel.from_pretrained(load_base(base_dir), d).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    two = XLoraModel.from_experts(load_base(base_dir), {"head": d, "chem": experts["chem"]})
+    assert torch.equal(two.generate(ids, max_new_tokens=5), two.generate(ids, max_new_tokens=5, use_cache=False))
+
+    other = copy_adapter(
+        d, tmp_path / "other_head", edit_tensors=lambda t: {k: v + 1 if "base_layer" in k else v for k, v in t.items()}
+    )
+    with pytest.raises(ExpertError, match=r"lm_head\.base_layer\.weight differs from the base model's weight"):
+        XLoraModel.from_experts(load_base(base_dir), {"other": other})

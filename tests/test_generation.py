@@ -7,7 +7,7 @@ import torch
 from helpers import load_base, sharpen
 
 from xlora import XLoraConfig, XLoraModel
-from xlora.generation import _positions
+from xlora.generation import _positions, iter_generate
 
 
 @pytest.fixture
@@ -166,3 +166,52 @@ def test_stop_rows_from_the_caller(model, padded_batch):
     assert len(steps) == 10
     assert all(int(s.tokens[1]) == 0 for s in steps[3:])
     assert bool(steps[-1].finished[1]) and not bool(steps[-1].finished[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"reuse_scalings_after": -1}, r"reuse_scalings_after: expected an integer >= 1 or None, got -1"),
+        ({"reuse_scalings_after": 0}, r"reuse_scalings_after: .* got 0"),
+        ({"reuse_scalings_after": 2.0}, r"reuse_scalings_after: .* got 2\.0"),
+        ({"max_new_tokens": 0}, r"max_new_tokens: expected an integer >= 1, got 0"),
+        ({"max_new_tokens": -5}, r"max_new_tokens: .* got -5"),
+        ({"max_new_tokens": 2.5}, r"max_new_tokens: .* got 2\.5"),
+        ({"temperature": -1.0}, r"temperature: expected a finite number > 0, got -1\.0"),
+        ({"temperature": float("nan"), "do_sample": True}, r"temperature: .* got nan"),
+        ({"top_p": 0.0, "do_sample": True}, r"top_p: expected a finite number > 0 and <= 1 or None, got 0\.0"),
+        ({"top_p": 1.5, "do_sample": True}, r"top_p: .* got 1\.5"),
+        ({"top_p": float("nan"), "do_sample": True}, r"top_p: .* got nan"),
+        ({"top_k": 0, "do_sample": True}, r"top_k: expected an integer >= 1 or None, got 0"),
+        ({"top_k": 2.5, "do_sample": True}, r"top_k: .* got 2\.5"),
+        ({"repetition_penalty": float("nan")}, r"repetition_penalty: .* got nan"),
+        ({"seed": -1, "do_sample": True}, r"seed: .* got -1"),
+        ({"eos_token_id": "</s>"}, r"eos_token_id: .* got '</s>'"),
+        ({"do_sample": "yes"}, r"do_sample: expected true or false"),
+    ],
+)
+def test_bad_generation_options(model, kwargs, message):
+    ids = torch.tensor([[5, 6, 7]])
+    kwargs = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises(ValueError, match="generate: " + message):
+        model.generate(ids, **kwargs)
+
+
+def test_bad_prompts(model):
+    ctx = model.base.config.max_position_embeddings  # 512 in the tiny model
+    with pytest.raises(ValueError, match=rf"{ctx + 1} prompt tokens \+ max_new_tokens=2 exceed .* context of {ctx}"):
+        model.generate(torch.full((1, ctx + 1), 5), max_new_tokens=2)
+    with pytest.raises(ValueError, match=rf"{ctx - 10} prompt tokens \+ max_new_tokens=64 exceed .* {ctx} tokens"):
+        model.generate(torch.full((1, ctx - 10), 5), max_new_tokens=64)
+    with pytest.raises(ValueError, match=rf"{ctx + 1} prompt tokens exceed the model's context of {ctx}"):
+        next(iter_generate(model, torch.full((1, ctx + 1), 5)))
+    with pytest.raises(ValueError, match=r"empty prompt \(input_ids of shape \[1, 0\]\)"):
+        model.generate(torch.zeros((1, 0), dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] of the batch are all padding"):
+        model.generate(torch.tensor([[5, 6], [0, 0]]), attention_mask=torch.tensor([[1, 1], [0, 0]]))
+    with pytest.raises(ValueError, match=r"input_ids: expected integer token ids \[batch, seq\], got \[3\]"):
+        model.generate(torch.tensor([5, 6, 7]))
+    with pytest.raises(ValueError, match=r"attention_mask: expected shape \[1, 3\], got \[1, 2\]"):
+        model.generate(torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 2))
+    # the longest prompt that fits still generates
+    assert model.generate(torch.full((1, ctx - 2), 5), max_new_tokens=2).shape == (1, ctx)

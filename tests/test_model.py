@@ -173,3 +173,56 @@ def test_static_scalings_one_hot_is_the_plain_lora(tiny, padded_batch):
     with pytest.raises(ValueError, match="expected \\[3\\]"):
         with m.static_scalings([1.0, 0.0]):
             pass
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m: m.set_global_scaling_weight(float("nan")), r"set_global_scaling_weight: weight .* got nan"),
+        (lambda m: m.set_global_scaling_weight(float("inf")), r"set_global_scaling_weight: weight .* got inf"),
+        (lambda m: m.set_global_scaling_weight("2"), r"set_global_scaling_weight: weight .* got '2'"),
+        (lambda m: m.set_scaling_pass_value(float("nan")), r"set_scaling_pass_value: value .* got nan"),
+        (lambda m: m.set_scaling_pass_value(float("-inf")), r"set_scaling_pass_value: value .* got -inf"),
+        (lambda m: m.set_topk_lora(0), r"set_topk_lora: value .*integer >= 1 and <= 3 or None, got 0"),
+        (lambda m: m.set_topk_lora(1.5), r"set_topk_lora: value .* got 1\.5"),
+        (lambda m: m.set_topk_lora(True), r"set_topk_lora: value .* got True"),
+    ],
+)
+def test_setters_refuse_non_finite_and_out_of_range(model, padded_batch, call, message):
+    ids, _ = padded_batch
+    before = model.config.to_dict()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    with pytest.raises(ValueError, match=message):
+        call(model)
+    assert model.config.to_dict() == before  # a refused value leaves the config as it was
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref)
+
+
+def test_static_scalings_refuse_nan_and_wrong_layer_count(model):
+    with pytest.raises(ValueError, match="must be finite"):
+        with model.static_scalings([float("nan"), 0.5, 0.5]):
+            pass
+    with pytest.raises(ValueError, match=rf"expected \[3\] or \[{model.n_layers}, 3\] weights, got \[5, 3\]"):
+        with model.static_scalings(torch.ones(5, 3)):
+            pass
+
+
+def test_mask_experts_single_name_and_bad_names(model, padded_batch):
+    """A str is one expert name (not its letters); anything else unknown lists the valid names."""
+    ids, _ = padded_batch
+    with torch.no_grad():
+        with model.mask_experts(["prot"]):
+            model(input_ids=ids)
+            as_list = model.get_latest_scalings()
+        with model.mask_experts("prot"):
+            model(input_ids=ids)
+            assert torch.equal(model.get_latest_scalings(), as_list)
+    valid = r"experts are \['chem', 'prot', 'cot'\]"
+    for bad, what in ((["chemistry"], r"unknown expert\(s\) \['chemistry'\]"), ("", r"unknown expert\(s\) \[''\]")):
+        with pytest.raises(ValueError, match=what + "; " + valid):
+            model.mask_experts(bad)
+    with pytest.raises(ValueError, match=r"expected expert names, got \[0\]; " + valid):
+        model.mask_experts([0])
+    assert model._expert_mask is None  # refused calls changed nothing

@@ -1,23 +1,26 @@
-"""The `xlora` command line: a thin typer layer over the library."""
+"""The `xlora` command line: a thin typer layer over the library.
+
+Every command registered on `app` (here, in cli_train.py and in cli_science.py) runs under the
+error guard of `cli_guard`: bad input ends a command with one `error: ...` line and exit code 2.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="X-LoRA: a mixture of LoRA experts.")
-err = Console(stderr=True)
+from .cli_guard import GuardedTyper, err
+from .cli_guard import fail as _fail  # cli_train.py and cli_science.py import it from here
+
 out = Console()
 
 
-def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code=2)
+app = GuardedTyper(add_completion=False, no_args_is_help=True, help="X-LoRA: a mixture of LoRA experts.")
 
 
 def parse_experts(items: list[str]) -> list[tuple[str, Path]]:
@@ -39,6 +42,40 @@ def pick_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_generate_options(
+    temperature: float,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    reuse_scalings_after: int | None,
+    has_experts: bool,
+) -> None:
+    """Refuse `generate` options that would be ignored or invalid, before any model is loaded."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"--temperature: expected a number >= 0 (0 = greedy), got {temperature}")
+    if temperature == 0:
+        given = [name for name, v in (("--top-p", top_p), ("--top-k", top_k), ("--seed", seed)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply when sampling; add --temperature > 0")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"--top-p: expected a number in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top-k: expected an integer >= 1, got {top_k}")
+    if seed is not None and seed < 0:
+        raise ValueError(f"--seed: expected an integer >= 0, got {seed}")
+    if reuse_scalings_after is not None:
+        if reuse_scalings_after < 1:
+            raise ValueError(f"--reuse-scalings-after: expected an integer >= 1, got {reuse_scalings_after}")
+        if not has_experts:
+            raise ValueError("--reuse-scalings-after needs --experts or --checkpoint (the base model has no scalings)")
+
+
+def base_context(model: Any) -> int | None:
+    """`max_position_embeddings` of a plain transformers model, or None."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
 def summarize_weights(names: list[str], steps: list) -> str:
     """One line: each expert's mean weight over generated tokens and adapted layers."""
     import torch
@@ -57,11 +94,13 @@ def generate(
     checkpoint: Annotated[Path | None, typer.Option(help="A saved X-LoRA checkpoint directory.")] = None,
     base: Annotated[str, typer.Option(help="'default' (embedded SmolLM2) or a local HF model dir.")] = "default",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
-    temperature: Annotated[float, typer.Option(help="0 means greedy.")] = 0.0,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    seed: int | None = None,
-    reuse_scalings_after: int | None = None,
+    temperature: Annotated[float, typer.Option(help="0 means greedy; > 0 samples.")] = 0.0,
+    top_p: Annotated[float | None, typer.Option(help="Sampling: nucleus mass in (0, 1].")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sampling: keep the k most likely tokens (>= 1).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling: random seed (>= 0).")] = None,
+    reuse_scalings_after: Annotated[
+        int | None, typer.Option(help="Stop the scaling pass after this many new tokens (>= 1).")
+    ] = None,
     chat: Annotated[bool, typer.Option(help="Apply the tokenizer's chat template.")] = True,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present).")] = None,
 ) -> None:
@@ -70,23 +109,21 @@ def generate(
 
     from .base_models import load_base
     from .config import XLoraConfig
+    from .generation import check_prompt
     from .model import XLoraModel
 
+    check_generate_options(temperature, top_p, top_k, seed, reuse_scalings_after, bool(experts or checkpoint))
     if experts and checkpoint:
         _fail("give either --experts or --checkpoint, not both")
-    try:
-        model_base, tokenizer = load_base(base, device=pick_device(device))
-        pairs = parse_experts(experts or [])
-        if checkpoint is not None:
-            model = XLoraModel.from_pretrained(model_base, checkpoint)
-        elif pairs:
-            model = XLoraModel.from_experts(model_base, pairs, XLoraConfig())
-            err.print("[yellow]note:[/yellow] new, untrained gate: expert weights are arbitrary")
-        else:
-            model = None
-    except (ValueError, FileNotFoundError, OSError) as e:
-        _fail(str(e))
-        return
+    pairs = parse_experts(experts or [])
+    model_base, tokenizer = load_base(base, device=pick_device(device))
+    if checkpoint is not None:
+        model = XLoraModel.from_pretrained(model_base, checkpoint)
+    elif pairs:
+        model = XLoraModel.from_experts(model_base, pairs, XLoraConfig())
+        err.print("[yellow]note:[/yellow] new, untrained gate: expert weights are arbitrary")
+    else:
+        model = None
     if chat and tokenizer.chat_template:
         enc = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -106,6 +143,11 @@ def generate(
         streamer=streamer,
     )
     if model is None:
+        check_prompt(enc["input_ids"], enc.get("attention_mask"), base_context(model_base), max_new_tokens)
+        if seed is not None:
+            import torch
+
+            torch.manual_seed(seed)  # transformers' generate samples from the global generator
         model_base.generate(  # no experts: the plain base model
             **enc.to(model_base.device),
             max_new_tokens=max_new_tokens,
@@ -133,11 +175,7 @@ def info(path: Annotated[Path, typer.Argument(help="An X-LoRA checkpoint or a PE
     """Show the experts (ranks, alphas, targets) and the gate configuration of a checkpoint."""
     from .summary import describe
 
-    try:
-        config, experts = describe(path)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-        return
+    config, experts = describe(path)
     table = Table(title=f"experts in {path}")
     for col in ("expert", "rank", "alpha", "rsLoRA", "modules", "targets"):
         table.add_column(col)
@@ -158,11 +196,7 @@ def convert(
     """Convert a checkpoint between the native (original package) and PEFT layouts."""
     from .convert import convert_checkpoint
 
-    try:
-        report = convert_checkpoint(src, dst, to, overwrite=overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
-        _fail(str(e))
-        return
+    report = convert_checkpoint(src, dst, to, overwrite=overwrite)
     # one plain line per tensor (a table would truncate the long key names in narrow terminals)
     for r in report:
         shape = "x".join(map(str, r.shape))
@@ -192,12 +226,8 @@ def export_ordering_cmd(
     from .convert import export_ordering
     from .io import read_checkpoint
 
-    try:
-        base_dir = resolve_base_dir(base, read_checkpoint(checkpoint).base_model_id)
-        data = export_ordering(checkpoint, output, base_dir)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        _fail(str(e))
-        return
+    base_dir = resolve_base_dir(base, read_checkpoint(checkpoint).base_model_id)
+    data = export_ordering(checkpoint, output, base_dir)
     out.print(f"wrote {output}: {len(data['order'])} experts, {len(data['layers'])} adapted modules")
 
 
@@ -224,12 +254,8 @@ def serve(
     from .server import create_app
     from .serving import Engine
 
-    try:
-        model_base, tokenizer = load_base(base, device=pick_device(device))
-        model = XLoraModel.from_pretrained(model_base, checkpoint)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        _fail(str(e))
-        return
+    model_base, tokenizer = load_base(base, device=pick_device(device))
+    model = XLoraModel.from_pretrained(model_base, checkpoint)
     engine = Engine(
         model, tokenizer, max_batch=max_batch, max_queue=max_queue, reuse_scalings_after=reuse_scalings_after
     )

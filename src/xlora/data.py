@@ -10,7 +10,9 @@ Three record shapes, one per line (JSONL) or row (CSV):
 from __future__ import annotations
 
 import csv
+import io
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,34 +32,64 @@ class Example:
     labels: list[int]  # IGNORE where no loss is taken
 
 
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text (a BOM is allowed); other encodings are a DataError naming file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}); save the file as UTF-8"
+        ) from None
+
+
+def _csv_records(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+    records: list[tuple[int, dict[str, Any]]] = []
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            lineno = reader.line_num
+            if None in row:
+                raise DataError(f"{path}:{lineno}: more fields than the header's {len(reader.fieldnames or [])}")
+            if "messages" in row and row["messages"]:
+                try:
+                    row = {**row, "messages": json.loads(row["messages"])}
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: column 'messages' is not a JSON list ({e})") from None
+            records.append((lineno, {k: v for k, v in row.items() if v not in (None, "")}))
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+    return records
+
+
+def _jsonl_records(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+    records: list[tuple[int, dict[str, Any]]] = []
+    # split on "\n" only: JSON strings may hold U+2028 and friends, which str.splitlines would cut at
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            hint = ""
+            if lineno == 1 and line.strip() == "[":
+                hint = "; expected JSON Lines (one object per line), not a JSON array"
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}){hint}") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        records.append((lineno, rec))
+    return records
+
+
 def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, record) pairs from a .jsonl/.json-lines or .csv file."""
+    """(line number, record) pairs from a UTF-8 .jsonl/.json-lines or .csv file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    records: list[tuple[int, dict[str, Any]]] = []
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            for lineno, row in enumerate(reader, start=2):
-                if "messages" in row and row["messages"]:
-                    try:
-                        row = {**row, "messages": json.loads(row["messages"])}
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{lineno}: column 'messages' is not a JSON list ({e})") from None
-                records.append((lineno, {k: v for k, v in row.items() if v not in (None, "")}))
-    else:
-        with path.open() as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-                records.append((lineno, rec))
+    text = read_text(path)
+    records = _csv_records(path, text) if path.suffix.lower() == ".csv" else _jsonl_records(path, text)
     if not records:
         raise DataError(f"{path}: no records")
     return records
@@ -72,14 +104,19 @@ def _chat_example(tokenizer, messages: list[dict], where: str) -> Example:
             raise DataError(f"{where}: each message needs string 'role' and 'content'")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message to learn from")
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
-        spans.append((start, end))
+    if messages[0]["role"] == "assistant":
+        raise DataError(f"{where}: the first message is the assistant's; expected a user or system message first")
+    try:
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+            end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+            spans.append((start, end))
+    except Exception as e:  # noqa: BLE001 - templates raise jinja2 errors of any kind for bad conversations
+        raise DataError(f"{where}: the tokenizer's chat template refused these messages ({e})") from None
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     labels = []
     for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
@@ -110,15 +147,51 @@ def encode_record(tokenizer, record: dict[str, Any], where: str) -> Example:
     raise DataError(f"{where}: expected keys 'prompt'+'completion', 'messages', or 'text'; got {sorted(record)}")
 
 
-class TokenizedDataset(torch.utils.data.Dataset):
-    """Examples truncated to `max_length`; examples without any loss token are dropped."""
+class DataWarning(UserWarning):
+    """Some examples of a data file were dropped or truncated (the message says how many and why)."""
 
-    def __init__(self, examples: list[Example], max_length: int) -> None:
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Examples truncated to `max_length`; examples without any loss token are dropped.
+
+    Nothing goes silently: dropped and truncated examples are counted (`n_dropped`, `n_truncated`)
+    and reported in one DataWarning naming `source` and `max_length`; if every example is dropped
+    it is a DataError. `lines` (one per example) lets the warning name the first dropped lines.
+    """
+
+    def __init__(
+        self, examples: list[Example], max_length: int, source: str | None = None, lines: list[int] | None = None
+    ) -> None:
+        where = source or "dataset"
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise DataError(f"{where}: max_length: expected an integer >= 2, got {max_length!r}")
         self.examples = []
-        for ex in examples:
+        too_long: list[int] = []  # example numbers (or lines) whose loss tokens all lie beyond max_length
+        no_loss: list[int] = []  # ... that have no loss token at all (e.g. an empty completion)
+        self.n_truncated = 0
+        for i, ex in enumerate(examples):
             ids, labels = ex.input_ids[:max_length], ex.labels[:max_length]
             if any(label != IGNORE for label in labels[1:]):
                 self.examples.append(Example(ids, labels))
+                self.n_truncated += len(ex.input_ids) > max_length
+            else:
+                has_loss = any(label != IGNORE for label in ex.labels[1:])
+                (too_long if has_loss else no_loss).append(lines[i] if lines else i)
+        self.n_dropped = len(too_long) + len(no_loss)
+        if not (self.n_dropped or self.n_truncated):
+            return
+        unit = "line" if lines else "example"
+        parts = []
+        for items, why in ((too_long, f"no loss token within max_length={max_length}"), (no_loss, "no loss token")):
+            if items:
+                shown = ", ".join(map(str, items[:5])) + (", ..." if len(items) > 5 else "")
+                parts.append(f"{len(items)} dropped ({why}; {unit} {shown})")
+        if self.n_truncated:
+            parts.append(f"{self.n_truncated} truncated to max_length={max_length}")
+        message = f"{where}: of {len(examples)} examples, " + ", ".join(parts)
+        if not self.examples:
+            raise DataError(message + "; nothing left to train on (raise --max-length or shorten the examples)")
+        warnings.warn(message, DataWarning, stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -128,12 +201,10 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 
 def load_dataset(path: str | Path, tokenizer, max_length: int = 512) -> TokenizedDataset:
-    """Read and tokenize a data file; errors name the file and line."""
-    examples = [encode_record(tokenizer, rec, f"{path}:{line}") for line, rec in read_records(path)]
-    ds = TokenizedDataset(examples, max_length)
-    if len(ds) == 0:
-        raise DataError(f"{path}: no example keeps a loss token within max_length={max_length}")
-    return ds
+    """Read and tokenize a data file; errors name the file and line, dropped examples are reported."""
+    records = read_records(path)
+    examples = [encode_record(tokenizer, rec, f"{path}:{line}") for line, rec in records]
+    return TokenizedDataset(examples, max_length, source=str(path), lines=[line for line, _ in records])
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -24,6 +24,8 @@ ExpertSpec = Mapping[str, "str | Path"] | Iterable[tuple[str, "str | Path"]]
 
 # base_model.model.<module>.lora_A[.<adapter name>].weight
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+# base_model.model.<module>.base_layer.weight: PEFT's full copy of a targeted lm_head/embedding
+_BASE_COPY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.base_layer\.weight$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=@ -]*$")
 
 
@@ -40,6 +42,9 @@ class LoraExpert:
     adapter_config: dict
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     scales: dict[str, float] = field(default_factory=dict)
+    # full weights PEFT saved for some targets (save_embedding_layers); must equal the base's
+    base_copies: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights_file: Path | None = None  # the adapter_model.safetensors / .bin it was read from
 
     @property
     def modules(self) -> list[str]:
@@ -91,18 +96,79 @@ def normalize_expert_spec(experts: ExpertSpec) -> list[tuple[str, Path]]:
     return out
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_adapter_config(cfg: dict, cfg_path: Path, name: str) -> None:
+    """Types and ranges of every adapter_config.json field we read, so that a bad value is an
+    ExpertError naming the file and field instead of a TypeError or re.error deep in loading."""
+
+    def fail(field: str, expected: str, got: object) -> None:
+        raise ExpertError(f"expert {name!r}: {cfg_path}: field {field!r}: expected {expected}, got {got!r}")
+
+    if "lora_alpha" in cfg and not (_is_number(cfg["lora_alpha"]) and cfg["lora_alpha"] > 0):
+        fail("lora_alpha", "a finite number > 0", cfg["lora_alpha"])
+    if "r" in cfg and not _is_positive_int(cfg["r"]):
+        fail("r", "an integer >= 1", cfg["r"])
+    if cfg.get("use_rslora") is not None and not isinstance(cfg["use_rslora"], bool):
+        fail("use_rslora", "true or false", cfg["use_rslora"])
+    patterns = (("alpha_pattern", "a finite number > 0"), ("rank_pattern", "an integer >= 1"))
+    for field_name, expected in patterns:
+        pattern = cfg.get(field_name)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            fail(field_name, "an object {module regex: value}", pattern)
+        for key, value in pattern.items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                fail(field_name, f"module name regexes (key {key!r}: {e})", pattern)
+            ok = _is_positive_int(value) if field_name == "rank_pattern" else _is_number(value) and value > 0
+            if not ok:
+                fail(f"{field_name}[{key!r}]", expected, value)
+
+
+def _pattern_value(module: str, pattern: dict | None) -> tuple[str, object] | None:
+    """PEFT's per-module override: the first key whose regex matches a dotted suffix of the name."""
+    for key, value in (pattern or {}).items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", module):
+            return key, value
+    return None
+
+
 def _alpha_for(module: str, cfg: dict) -> float:
     """PEFT's per-module alpha: the first `alpha_pattern` key matching the module name's suffix."""
-    for key, alpha in (cfg.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?(?:{key})", module):
-            return float(alpha)
-    return float(cfg.get("lora_alpha", 8))
+    hit = _pattern_value(module, cfg.get("alpha_pattern"))
+    return float(hit[1] if hit else cfg.get("lora_alpha", 8))
 
 
-def _load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+def _check_rank(module: str, rank: int, cfg: dict, cfg_path: Path, name: str) -> None:
+    """The tensors' rank must be the one the config declares (`rank_pattern`, else `r`), as PEFT requires."""
+    hit = _pattern_value(module, cfg.get("rank_pattern"))
+    field_name, declared = (f"rank_pattern[{hit[0]!r}]", hit[1]) if hit else ("r", cfg.get("r"))
+    if declared is not None and declared != rank:
+        raise ExpertError(
+            f"expert {name!r}: module {module} has LoRA rank {rank} in its tensors but {cfg_path} "
+            f"field {field_name!r} says {declared}"
+        )
+
+
+def _read_tensor_file(path: Path, name: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(file, tensors) of the adapter; a corrupt or truncated file is an ExpertError naming it."""
     st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
     if st.is_file():
-        return load_file(str(st))
+        try:
+            return st, load_file(str(st))
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ... all mean "unreadable file"
+            raise ExpertError(
+                f"expert {name!r}: cannot read {st} as safetensors (corrupt or truncated file?): {e}"
+            ) from None
     if binf.is_file():
         try:
             data = torch.load(str(binf), map_location="cpu", weights_only=True)
@@ -110,11 +176,44 @@ def _load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
             raise ExpertError(f"expert {name!r}: cannot read {binf} as a tensor state dict ({e})") from None
         if not isinstance(data, dict):
             raise ExpertError(f"expert {name!r}: {binf} is not a state dict")
-        return data
+        return binf, data
     raise ExpertError(
         f"expert {name!r}: {path} has no adapter_model.safetensors or adapter_model.bin "
         "(expected a PEFT LoRA adapter directory)"
     )
+
+
+def _load_tensors(path: Path, name: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The adapter's tensors, each checked to be a finite floating-point tensor (NaN/inf refused here,
+    because they would turn every logit into NaN without any other sign)."""
+    file, tensors = _read_tensor_file(path, name)
+    for key, value in tensors.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ExpertError(f"expert {name!r}: {file}: entry {key!r} is not a named tensor")
+        if not value.is_floating_point():
+            raise ExpertError(f"expert {name!r}: {file}: tensor {key} has dtype {value.dtype}; expected floats")
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ExpertError(
+                f"expert {name!r}: {file}: tensor {key} has {bad} non-finite value(s) (NaN or inf); "
+                "the adapter is broken (diverged training?)"
+            )
+    return file, tensors
+
+
+def _check_unsupported_keys(tensors: dict[str, torch.Tensor], file: Path, name: str) -> None:
+    """Refuse what PEFT can save but X-LoRA cannot mix, before any key is parsed as a LoRA weight."""
+    for key in tensors:
+        if "lora_embedding" in key:
+            module = key.split(".lora_embedding")[0].removeprefix("base_model.model.")
+            raise ExpertError(
+                f"expert {name!r}: {file}: tensor {key} adapts the embedding {module}; embedding adapters "
+                "are not supported (only Linear layers), retrain the expert without it in target_modules"
+            )
+        if "modules_to_save" in key:
+            raise ExpertError(f"expert {name!r}: {file}: tensor {key} belongs to modules_to_save (not supported)")
+        if "lora_magnitude_vector" in key:
+            raise ExpertError(f"expert {name!r}: {file}: tensor {key} is a DoRA magnitude (DoRA is not supported)")
 
 
 def read_expert(name: str, path: str | Path) -> LoraExpert:
@@ -139,41 +238,45 @@ def read_expert(name: str, path: str | Path) -> LoraExpert:
         )
     if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
         raise ExpertError(f"expert {name!r}: {cfg_path} trains biases; only bias='none' LoRA is supported")
+    _check_adapter_config(cfg, cfg_path, name)
 
-    tensors = _load_tensors(path, name)
+    file, tensors = _load_tensors(path, name)
+    _check_unsupported_keys(tensors, file, name)
     a_parts: dict[str, torch.Tensor] = {}
     b_parts: dict[str, torch.Tensor] = {}
+    base_copies: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        if "modules_to_save" in key:
-            raise ExpertError(f"expert {name!r}: tensor {key} belongs to modules_to_save (not supported)")
-        if "lora_magnitude_vector" in key:
-            raise ExpertError(f"expert {name!r}: tensor {key} is a DoRA magnitude (DoRA is not supported)")
-        if "lora_embedding" in key:
-            raise ExpertError(f"expert {name!r}: tensor {key} adapts an embedding; only Linear is supported")
         m = _KEY_RE.match(key)
-        if m is None:
-            raise ExpertError(f"expert {name!r}: unexpected tensor {key} in {path} (not a LoRA A/B weight)")
-        (a_parts if m["ab"] == "A" else b_parts)[m["module"]] = value
+        if m is not None:
+            (a_parts if m["ab"] == "A" else b_parts)[m["module"]] = value
+            continue
+        copy = _BASE_COPY_RE.match(key)
+        if copy is None:
+            raise ExpertError(f"expert {name!r}: unexpected tensor {key} in {file} (not a LoRA A/B weight)")
+        base_copies[copy["module"]] = value
     if not a_parts:
-        raise ExpertError(f"expert {name!r}: {path} holds no LoRA weights")
+        raise ExpertError(f"expert {name!r}: {file} holds no LoRA weights")
 
-    expert = LoraExpert(name=name, path=path, adapter_config=cfg)
+    expert = LoraExpert(name=name, path=path, adapter_config=cfg, base_copies=base_copies, weights_file=file)
     for module, a in a_parts.items():
         b = b_parts.get(module)
         if b is None:
-            raise ExpertError(f"expert {name!r}: module {module} has lora_A but no lora_B in {path}")
+            raise ExpertError(f"expert {name!r}: module {module} has lora_A but no lora_B in {file}")
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise ExpertError(
-                f"expert {name!r}: module {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
-                "expected [r, in] and [out, r]"
+                f"expert {name!r}: module {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                f"in {file}; expected [r, in] and [out, r]"
             )
         r = a.shape[0]
+        if r == 0:
+            raise ExpertError(f"expert {name!r}: module {module} has rank 0 in {file} (lora_A {tuple(a.shape)})")
+        _check_rank(module, r, cfg, cfg_path, name)
         alpha = _alpha_for(module, cfg)
         expert.scales[module] = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         expert.weights[module] = (a, b)
     extra_b = set(b_parts) - set(a_parts)
     if extra_b:
-        raise ExpertError(f"expert {name!r}: module {sorted(extra_b)[0]} has lora_B but no lora_A in {path}")
+        raise ExpertError(f"expert {name!r}: module {sorted(extra_b)[0]} has lora_B but no lora_A in {file}")
     return expert
 
 
@@ -214,7 +317,34 @@ def check_experts(base: nn.Module, experts: list[LoraExpert]) -> list[str]:
                     "(adapter made for a model with another hidden size?)"
                 )
             targeted.add(module)
+        for module, copy in expert.base_copies.items():
+            _check_base_copy(expert, module, copy, modules.get(module))
     return [name for name, _ in base.named_modules() if name in targeted]
+
+
+def _check_base_copy(expert: LoraExpert, module: str, copy: torch.Tensor, target: nn.Module | None) -> None:
+    """PEFT saves a full copy of a targeted lm_head (`save_embedding_layers`). We always use the base
+    model's own weight, so the copy must equal it; a different one (resized vocabulary, retrained
+    head) would be silently ignored otherwise."""
+    where = f"expert {expert.name!r}: {expert.weights_file or expert.path}: tensor {module}.base_layer.weight"
+    if module not in expert.weights:
+        raise ExpertError(f"{where} is a full weight copy without LoRA weights for {module}; not supported")
+    weight = getattr(target, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape != copy.shape:
+        shape = None if not isinstance(weight, torch.Tensor) else tuple(weight.shape)
+        raise ExpertError(
+            f"{where} has shape {tuple(copy.shape)}, the base model's weight {shape} "
+            "(resized vocabulary?); adapters that replace base weights are not supported"
+        )
+    if weight.is_meta:
+        return  # module tree only (export-ordering): nothing to compare
+    # compare in the coarser of the two dtypes: a bf16 base and its fp32 copy are the same weights
+    dtype = max(copy.dtype, weight.dtype, key=lambda d: torch.finfo(d).eps)
+    if not torch.equal(copy.to(dtype), weight.detach().to(device="cpu", dtype=dtype)):
+        raise ExpertError(
+            f"{where} differs from the base model's weight (adapter made for another base model, or "
+            "a retrained lm_head); adapters that replace base weights are not supported"
+        )
 
 
 @dataclass

@@ -22,6 +22,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from .checks import check_number
 from .model import cache_kwargs
 
 if TYPE_CHECKING:
@@ -43,21 +44,28 @@ class SamplingOptions:
     seed: int | None = None
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: expected > 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k: expected >= 1, got {self.top_k}")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty: expected > 0, got {self.repetition_penalty}")
+        """Raise a ValueError naming the first invalid option (NaN and bools are refused too)."""
+        where = "generate"
+        check_number(where, "max_new_tokens", self.max_new_tokens, integer=True, low=1)
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"{where}: do_sample: expected true or false, got {self.do_sample!r}")
+        check_number(where, "temperature", self.temperature, low=0, low_open=True)
+        check_number(where, "top_k", self.top_k, integer=True, low=1, optional=True)
+        check_number(where, "top_p", self.top_p, low=0, low_open=True, high=1, optional=True)
+        check_number(where, "repetition_penalty", self.repetition_penalty, low=0, low_open=True, optional=True)
+        check_number(where, "seed", self.seed, integer=True, low=0, high=2**64 - 1, optional=True)
+        check_number(where, "pad_token_id", self.pad_token_id, integer=True, low=0, optional=True)
+        eos = self.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            for e in eos:
+                check_number(where, "eos_token_id", e, integer=True, low=0)
+        else:
+            check_number(where, "eos_token_id", eos, integer=True, low=0, optional=True)
 
     def eos_ids(self) -> list[int]:
         if self.eos_token_id is None:
             return []
-        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [int(self.eos_token_id)]
 
     def processors(self) -> LogitsProcessorList:
         procs = LogitsProcessorList()
@@ -113,6 +121,44 @@ def default_sampler(opts: SamplingOptions, device: torch.device) -> Sampler:
     return sample
 
 
+def context_length(model: XLoraModel) -> int | None:
+    """The base model's context (`max_position_embeddings`), or None when it does not say."""
+    n = getattr(model.base.config, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_prompt(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, context: int | None, max_new_tokens: int = 0
+) -> None:
+    """Refuse prompts the loop cannot run correctly: not `[B, T]` token ids, empty, a mask of another
+    shape or an all-padding row, or longer (plus `max_new_tokens`) than the model's context.
+
+    Past `max_position_embeddings` a model does not fail, it produces garbage; hence an error here.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        got = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"generate: input_ids: expected integer token ids [batch, seq], got {got}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"generate: empty prompt (input_ids of shape {list(input_ids.shape)}); give at least 1 token")
+    if attention_mask is None:
+        lengths = torch.full((input_ids.shape[0],), input_ids.shape[1])
+    else:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            got = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+            raise ValueError(f"generate: attention_mask: expected shape {list(input_ids.shape)}, got {got}")
+        lengths = (attention_mask != 0).sum(dim=1)
+        empty = (lengths == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"generate: row(s) {empty} of the batch are all padding (empty prompt)")
+    longest = int(lengths.max())
+    if context is not None and longest + max_new_tokens > context:
+        asked = f"{longest} prompt tokens" + (f" + max_new_tokens={max_new_tokens}" if max_new_tokens else "")
+        raise ValueError(
+            f"generate: {asked} exceed the model's context of {context} tokens (max_position_embeddings); "
+            "shorten the prompt" + (" or lower max_new_tokens" if max_new_tokens else "")
+        )
+
+
 def _select_rows(cache: Any, keep: torch.Tensor) -> None:
     if cache is not None:
         cache.batch_select_indices(keep)
@@ -136,6 +182,9 @@ def iter_generate(
     """
     opts = options or SamplingOptions()
     opts.validate()
+    model.config.validate(model.n_experts)  # fields assigned directly (not through the setters) too
+    check_number("generate", "reuse_scalings_after", reuse_scalings_after, integer=True, low=1, optional=True)
+    check_prompt(input_ids, attention_mask, context_length(model))
     reuse_after = reuse_scalings_after if reuse_scalings_after is not None else model.config.reuse_scalings_after
     device = model.device
     ids = input_ids.to(device)
@@ -221,6 +270,8 @@ def generate(
     `streamer` follows transformers' streamer protocol (`put`, `end`; e.g. `TextIteratorStreamer`
     for an iterator of text); `callback` receives every GenerationStep. `use_cache=False`
     recomputes both passes over the whole sequence every step (slow; for checking).
+    Invalid options, an empty prompt, or prompt + `max_new_tokens` beyond the model's context
+    (`max_position_embeddings`) raise a ValueError naming the argument.
     """
     opts = SamplingOptions(
         max_new_tokens=max_new_tokens,
@@ -233,6 +284,8 @@ def generate(
         pad_token_id=pad_token_id,
         seed=seed,
     )
+    opts.validate()
+    check_prompt(input_ids, attention_mask, context_length(model), max_new_tokens)
     new_tokens = []
     if streamer is not None:
         streamer.put(input_ids.cpu())

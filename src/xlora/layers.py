@@ -55,6 +55,9 @@ class XLoraLinear(nn.Module):
         c = coef[self.index]
         if c.device != x.device:  # model sharded over devices (device_map="auto")
             c = c.to(x.device)
+        if c.dim() == 3 and x.dim() == 3 and c.shape[1] != x.shape[1]:
+            # an adapted lm_head under `logits_to_keep=k` sees only the last k positions
+            c = c[:, -x.shape[1] :]  # [B, k, R]
         # in place: nothing saved for backward refers to `y` (Linear keeps its input and weight)
         return y.add_(self._delta(x, c).to(y.dtype))
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_number
 from .classifier import XLoraClassifier, select_topk
 from .config import XLoraConfig, XLoraConfigError
 from .experts import ExpertSpec, LoraExpert, load_experts, stack_module
@@ -88,6 +89,8 @@ class XLoraModel(nn.Module):
         self.register_buffer("row_scale", torch.cat(scales).to(ref.device, ref.dtype), persistent=False)
 
         head = base.get_output_embeddings()
+        if isinstance(head, XLoraLinear):  # an expert adapts lm_head itself
+            head = head.base_layer
         head_w = head.weight if head is not None else ref
         self.classifier = XLoraClassifier(config, config.hidden_size, len(experts), len(layers)).to(
             device=head_w.device, dtype=head_w.dtype
@@ -228,8 +231,11 @@ class XLoraModel(nn.Module):
         """Inside, fixed expert weights replace the classifier (no scaling pass): `[N]` for every
         module, or `[L, N]`. One-hot = that expert alone as a plain LoRA; 1/N each = a uniform mix."""
         w = torch.as_tensor(weights, dtype=self.row_scale.dtype)
-        if w.shape[-1] != self.n_experts or w.dim() not in (1, 2):
-            raise ValueError(f"static_scalings: expected [{self.n_experts}] or [L, {self.n_experts}] weights")
+        n, layers = self.n_experts, self.n_layers
+        if w.dim() not in (1, 2) or w.shape[-1] != n or (w.dim() == 2 and w.shape[0] != layers):
+            raise ValueError(f"static_scalings: expected [{n}] or [{layers}, {n}] weights, got {list(w.shape)}")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("static_scalings: weights must be finite (got NaN or inf)")
         previous = self._static
         self._static = w.expand(self.n_layers, self.n_experts).clone() if w.dim() == 1 else w
         try:
@@ -301,25 +307,50 @@ class XLoraModel(nn.Module):
         """Write the log to `<path>.npz` + `<path>-mapping.json` and clear it."""
         return self.scalings_log.flush(path, self.expert_names, self.module_names)
 
-    def set_topk_lora(self, value: int | None) -> None:
-        old = self.config.top_k_lora
-        self.config.top_k_lora = value
+    def _set_config(self, method: str, field: str, value: object) -> None:
+        """Set one config field, or leave the config untouched and raise a ValueError naming `method`."""
+        old = getattr(self.config, field)
+        setattr(self.config, field, value)
         try:
             self.config.validate(self.n_experts)
-        except XLoraConfigError:
-            self.config.top_k_lora = old
-            raise
+        except XLoraConfigError as e:
+            setattr(self.config, field, old)
+            raise XLoraConfigError(f"{method}: {e}") from None
+
+    def set_topk_lora(self, value: int | None) -> None:
+        """Keep only the k largest scalings per token and module (None: all); 1 <= k <= n_experts."""
+        check_number(
+            "set_topk_lora",
+            "value (XLoraConfig.top_k_lora)",
+            value,
+            integer=True,
+            low=1,
+            high=self.n_experts,
+            optional=True,
+            error=XLoraConfigError,
+        )
+        self._set_config("set_topk_lora", "top_k_lora", None if value is None else int(value))
 
     def set_global_scaling_weight(self, weight: float) -> None:
-        self.config.global_scaling_weight = float(weight)
+        """Multiply every expert's contribution by `weight` (a finite number; 1 = as trained)."""
+        check_number(
+            "set_global_scaling_weight", "weight (XLoraConfig.global_scaling_weight)", weight, error=XLoraConfigError
+        )
+        self._set_config("set_global_scaling_weight", "global_scaling_weight", float(weight))
 
     def get_global_scaling_weight(self) -> float:
         return self.config.global_scaling_weight
 
     def set_scaling_pass_value(self, value: float | None) -> None:
-        """Constant scalings of the scaling pass; None means 1/N."""
-        self.config.scaling_pass_value = value
-        self.config.validate(self.n_experts)
+        """Constant scalings of the scaling pass (a finite number); None means 1/N."""
+        check_number(
+            "set_scaling_pass_value",
+            "value (XLoraConfig.scaling_pass_value)",
+            value,
+            optional=True,
+            error=XLoraConfigError,
+        )
+        self._set_config("set_scaling_pass_value", "scaling_pass_value", None if value is None else float(value))
 
     @contextmanager
     def disable_experts(self) -> Iterator[None]:
@@ -331,20 +362,29 @@ class XLoraModel(nn.Module):
         finally:
             self._experts_disabled = previous
 
-    def mask_experts(self, names: Sequence[str] | None) -> _MaskHandle:
+    def mask_experts(self, names: str | Sequence[str] | None) -> _MaskHandle:
         """Drop experts at inference: their scalings become 0 and the softmax renormalises over the rest.
 
-        Stays in effect until `mask_experts(None)`, or use it as a context manager. The scaling
-        pass is not affected (it is the constant pass the classifier was trained on).
+        `names` is one expert name (a str) or a list of names, each one of `expert_names` (else a
+        ValueError lists the valid ones); `None` or an empty list removes the mask. Stays in effect
+        until `mask_experts(None)`, or use it as a context manager. The scaling pass is not affected
+        (it is the constant pass the classifier was trained on).
         """
         previous = self._expert_mask
-        if not names:
+        if names is None:
             self._expert_mask = None
             return _MaskHandle(self, previous)
-        unknown = [n for n in names if n not in self._expert_names]
+        chosen = [names] if isinstance(names, str) else list(names)  # a str is one name, not its letters
+        wrong = [n for n in chosen if not isinstance(n, str)]
+        if wrong:
+            raise ValueError(f"mask_experts: expected expert names, got {wrong}; experts are {self._expert_names}")
+        unknown = [n for n in chosen if n not in self._expert_names]
         if unknown:
             raise ValueError(f"mask_experts: unknown expert(s) {unknown}; experts are {self._expert_names}")
-        keep = torch.tensor([n not in names for n in self._expert_names], dtype=torch.bool)
+        if not chosen:
+            self._expert_mask = None
+            return _MaskHandle(self, previous)
+        keep = torch.tensor([n not in chosen for n in self._expert_names], dtype=torch.bool)
         if not keep.any():
             raise ValueError("mask_experts: cannot mask every expert (use disable_experts() instead)")
         self._expert_mask = keep
