@@ -219,3 +219,11 @@ def test_help_shows_no_bool_type_after_flags():
         r = runner.invoke(app, args, env={"COLUMNS": "200"})
         assert r.exit_code == 0, (args, r.output)
         assert "--help" in r.output and "<bool>" not in r.output, (args, r.output)
+
+
+def test_bad_device_is_one_line(tok_base):
+    base_dir, _ = tok_base
+    args = ["generate", "--base", str(base_dir), "-p", "w1", "--device"]
+    assert "--device 'cdua': not a device name" in one_error_line(runner.invoke(app, [*args, "cdua"]))
+    if not torch.cuda.is_available():
+        assert "CUDA is not available on this machine" in one_error_line(runner.invoke(app, [*args, "cuda"]))

@@ -290,3 +290,20 @@ def test_lm_head_adapter_matches_peft_and_a_foreign_head_is_refused(tiny, tmp_pa
     )
     with pytest.raises(ExpertError, match=r"lm_head\.base_layer\.weight differs from the base model's weight"):
         XLoraModel.from_experts(load_base(base_dir), {"other": other})
+
+
+def test_ambiguous_tensors_and_mistyped_flags(tiny, tmp_path):
+    base_dir, experts = tiny
+
+    def twice(t):
+        key = sorted(k for k in t if "lora_A" in k)[0]
+        return {**t, key.replace("lora_A.weight", "lora_A.default.weight"): t[key].clone()}
+
+    bad = copy_adapter(experts["chem"], tmp_path / "twice", edit_tensors=twice)
+    with pytest.raises(ExpertError, match=r"adapter_model\.safetensors holds two lora_A tensors for model\.layers\.0"):
+        XLoraModel.from_experts(load_base(base_dir), {"twice": bad})
+    for field, value in (("use_dora", "false"), ("lora_bias", 0), ("bias", None)):
+        edit = lambda c, f=field, v=value: c.update({f: v})  # noqa: E731
+        bad = copy_adapter(experts["chem"], tmp_path / f"flag_{field}", edit_config=edit)
+        with pytest.raises(ExpertError, match=rf"adapter_config\.json: field '{field}': expected"):
+            XLoraModel.from_experts(load_base(base_dir), {"flag": bad})

@@ -215,3 +215,10 @@ def test_bad_prompts(model):
         model.generate(torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 2))
     # the longest prompt that fits still generates
     assert model.generate(torch.full((1, ctx - 2), 5), max_new_tokens=2).shape == (1, ctx)
+
+
+def test_token_ids_outside_the_vocabulary(model):
+    with pytest.raises(ValueError, match=r"token id 128 is outside the vocabulary \(0\.\.127\)"):
+        model.generate(torch.tensor([[5, 128]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"token id -1 is outside the vocabulary"):
+        next(iter_generate(model, torch.tensor([[-1, 5]])))

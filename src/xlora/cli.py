@@ -35,11 +35,22 @@ def parse_experts(items: list[str]) -> list[tuple[str, Path]]:
 
 
 def pick_device(device: str | None) -> str:
+    """`--device`, checked (a typo or CUDA on a machine without it is a clear error), else cuda or cpu."""
     import torch
 
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r}: not a device name such as cpu, cuda, cuda:1 ({e})") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: CUDA is not available on this machine (use --device cpu)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device!r}: MPS is not available on this machine (use --device cpu)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def check_generate_options(
@@ -109,7 +120,7 @@ def generate(
 
     from .base_models import load_base
     from .config import XLoraConfig
-    from .generation import check_prompt
+    from .generation import check_prompt, vocab_size
     from .model import XLoraModel
 
     check_generate_options(temperature, top_p, top_k, seed, reuse_scalings_after, bool(experts or checkpoint))
@@ -143,7 +154,8 @@ def generate(
         streamer=streamer,
     )
     if model is None:
-        check_prompt(enc["input_ids"], enc.get("attention_mask"), base_context(model_base), max_new_tokens)
+        ids, mask = enc["input_ids"], enc.get("attention_mask")
+        check_prompt(ids, mask, base_context(model_base), max_new_tokens, vocab_size(model_base))
         if seed is not None:
             import torch
 
@@ -236,7 +248,7 @@ def serve(
     checkpoint: Annotated[Path, typer.Option(help="An X-LoRA checkpoint directory (native or PEFT).")],
     base: Annotated[str, typer.Option(help="'default' (embedded SmolLM2) or a local HF model dir.")] = "default",
     host: str = "127.0.0.1",
-    port: int = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together.")] = 8,
     max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before 429.")] = 64,
     batch_wait_ms: Annotated[float, typer.Option(min=0, help="How long a new batch waits to fill up.")] = 20.0,

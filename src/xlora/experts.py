@@ -115,8 +115,6 @@ def _check_adapter_config(cfg: dict, cfg_path: Path, name: str) -> None:
         fail("lora_alpha", "a finite number > 0", cfg["lora_alpha"])
     if "r" in cfg and not _is_positive_int(cfg["r"]):
         fail("r", "an integer >= 1", cfg["r"])
-    if cfg.get("use_rslora") is not None and not isinstance(cfg["use_rslora"], bool):
-        fail("use_rslora", "true or false", cfg["use_rslora"])
     patterns = (("alpha_pattern", "a finite number > 0"), ("rank_pattern", "an integer >= 1"))
     for field_name, expected in patterns:
         pattern = cfg.get(field_name)
@@ -226,6 +224,11 @@ def read_expert(name: str, path: str | Path) -> LoraExpert:
         cfg = read_json_object(cfg_path)
     except (FileNotFoundError, XLoraConfigError) as e:
         raise ExpertError(f"expert {name!r}: {e}") from None
+    for flag in ("use_dora", "use_rslora", "lora_bias"):
+        if cfg.get(flag) is not None and not isinstance(cfg[flag], bool):
+            raise ExpertError(f"expert {name!r}: {cfg_path}: field {flag!r}: expected true or false, got {cfg[flag]!r}")
+    if not isinstance(cfg.get("bias", "none"), str):
+        raise ExpertError(f"expert {name!r}: {cfg_path}: field 'bias': expected 'none', got {cfg['bias']!r}")
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise ExpertError(f"expert {name!r}: {cfg_path} has peft_type {peft_type!r}; expected 'LORA'")
@@ -248,7 +251,10 @@ def read_expert(name: str, path: str | Path) -> LoraExpert:
     for key, value in tensors.items():
         m = _KEY_RE.match(key)
         if m is not None:
-            (a_parts if m["ab"] == "A" else b_parts)[m["module"]] = value
+            parts = a_parts if m["ab"] == "A" else b_parts
+            if m["module"] in parts:  # e.g. lora_A.weight and lora_A.default.weight: which one is meant?
+                raise ExpertError(f"expert {name!r}: {file} holds two lora_{m['ab']} tensors for {m['module']}")
+            parts[m["module"]] = value
             continue
         copy = _BASE_COPY_RE.match(key)
         if copy is None:

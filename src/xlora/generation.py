@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -127,11 +128,23 @@ def context_length(model: XLoraModel) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
+def vocab_size(model: nn.Module) -> int | None:
+    """Rows of the input embedding: the valid token ids are 0 .. vocab_size - 1."""
+    emb = model.get_input_embeddings()
+    n = getattr(emb, "num_embeddings", None)
+    return int(n) if isinstance(n, int) else None
+
+
 def check_prompt(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, context: int | None, max_new_tokens: int = 0
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    context: int | None,
+    max_new_tokens: int = 0,
+    vocab: int | None = None,
 ) -> None:
-    """Refuse prompts the loop cannot run correctly: not `[B, T]` token ids, empty, a mask of another
-    shape or an all-padding row, or longer (plus `max_new_tokens`) than the model's context.
+    """Refuse prompts the loop cannot run correctly: not `[B, T]` token ids, empty, ids outside the
+    vocabulary, a mask of another shape or an all-padding row, or longer (plus `max_new_tokens`)
+    than the model's context.
 
     Past `max_position_embeddings` a model does not fail, it produces garbage; hence an error here.
     """
@@ -140,6 +153,9 @@ def check_prompt(
         raise ValueError(f"generate: input_ids: expected integer token ids [batch, seq], got {got}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"generate: empty prompt (input_ids of shape {list(input_ids.shape)}); give at least 1 token")
+    if vocab is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        bad = int(input_ids.min()) if int(input_ids.min()) < 0 else int(input_ids.max())
+        raise ValueError(f"generate: input_ids: token id {bad} is outside the vocabulary (0..{vocab - 1})")
     if attention_mask is None:
         lengths = torch.full((input_ids.shape[0],), input_ids.shape[1])
     else:
@@ -184,7 +200,7 @@ def iter_generate(
     opts.validate()
     model.config.validate(model.n_experts)  # fields assigned directly (not through the setters) too
     check_number("generate", "reuse_scalings_after", reuse_scalings_after, integer=True, low=1, optional=True)
-    check_prompt(input_ids, attention_mask, context_length(model))
+    check_prompt(input_ids, attention_mask, context_length(model), vocab=vocab_size(model.base))
     reuse_after = reuse_scalings_after if reuse_scalings_after is not None else model.config.reuse_scalings_after
     device = model.device
     ids = input_ids.to(device)
@@ -285,7 +301,7 @@ def generate(
         seed=seed,
     )
     opts.validate()
-    check_prompt(input_ids, attention_mask, context_length(model), max_new_tokens)
+    check_prompt(input_ids, attention_mask, context_length(model), max_new_tokens, vocab_size(model.base))
     new_tokens = []
     if streamer is not None:
         streamer.put(input_ids.cpu())
