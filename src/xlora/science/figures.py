@@ -58,17 +58,22 @@ def routing_for(model, tok, prompt: str, max_new_tokens: int) -> tuple[torch.Ten
     """(mean scalings over the prompt [L, N], answer tokens, per-token weights [T, N], answer)."""
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        model(input_ids=ids)
-    prompt_mean = model.get_latest_scalings()[0].mean(0)  # [L, N]
-    steps = []
+    steps: list = []
+    prompt: list[torch.Tensor] = []
+
+    def on_step(step) -> None:
+        if not prompt:  # right after the prefill the latest scalings are the prompt's: no second forward
+            prompt.append(model.get_latest_scalings()[0].mean(0))  # [L, N]
+        steps.append(step)
+
     out = model.generate(
         ids,
         max_new_tokens=max_new_tokens,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        callback=steps.append,
+        callback=on_step,
     )
+    prompt_mean = prompt[0]
     new = out[0, ids.shape[1] :].tolist()
     keep = [i for i, t in enumerate(new) if t != tok.eos_token_id and t != tok.pad_token_id]
     tokens = [tok.decode([new[i]]) for i in keep]
