@@ -111,6 +111,11 @@ def _check_adapter_config(cfg: dict, cfg_path: Path, name: str) -> None:
     def fail(field: str, expected: str, got: object) -> None:
         raise ExpertError(f"expert {name!r}: {cfg_path}: field {field!r}: expected {expected}, got {got!r}")
 
+    for flag in ("use_dora", "use_rslora", "lora_bias"):
+        if cfg.get(flag) is not None and not isinstance(cfg[flag], bool):
+            fail(flag, "true or false", cfg[flag])
+    if not isinstance(cfg.get("bias", "none"), str):
+        fail("bias", "'none'", cfg["bias"])
     if "lora_alpha" in cfg and not (_is_number(cfg["lora_alpha"]) and cfg["lora_alpha"] > 0):
         fail("lora_alpha", "a finite number > 0", cfg["lora_alpha"])
     if "r" in cfg and not _is_positive_int(cfg["r"]):
@@ -224,14 +229,10 @@ def read_expert(name: str, path: str | Path) -> LoraExpert:
         cfg = read_json_object(cfg_path)
     except (FileNotFoundError, XLoraConfigError) as e:
         raise ExpertError(f"expert {name!r}: {e}") from None
-    for flag in ("use_dora", "use_rslora", "lora_bias"):
-        if cfg.get(flag) is not None and not isinstance(cfg[flag], bool):
-            raise ExpertError(f"expert {name!r}: {cfg_path}: field {flag!r}: expected true or false, got {cfg[flag]!r}")
-    if not isinstance(cfg.get("bias", "none"), str):
-        raise ExpertError(f"expert {name!r}: {cfg_path}: field 'bias': expected 'none', got {cfg['bias']!r}")
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise ExpertError(f"expert {name!r}: {cfg_path} has peft_type {peft_type!r}; expected 'LORA'")
+    _check_adapter_config(cfg, cfg_path, name)
     if cfg.get("use_dora"):
         raise ExpertError(f"expert {name!r}: DoRA adapters (use_dora=true in {cfg_path}) are not supported")
     if cfg.get("modules_to_save"):
@@ -241,7 +242,6 @@ def read_expert(name: str, path: str | Path) -> LoraExpert:
         )
     if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
         raise ExpertError(f"expert {name!r}: {cfg_path} trains biases; only bias='none' LoRA is supported")
-    _check_adapter_config(cfg, cfg_path, name)
 
     file, tensors = _load_tensors(path, name)
     _check_unsupported_keys(tensors, file, name)

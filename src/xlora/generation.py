@@ -50,6 +50,8 @@ class SamplingOptions:
         check_number(where, "max_new_tokens", self.max_new_tokens, integer=True, low=1)
         if not isinstance(self.do_sample, bool):
             raise ValueError(f"{where}: do_sample: expected true or false, got {self.do_sample!r}")
+        if self.temperature == 0 and not isinstance(self.temperature, bool):
+            raise ValueError(f"{where}: temperature: expected a finite number > 0, got 0 (greedy is do_sample=False)")
         check_number(where, "temperature", self.temperature, low=0, low_open=True)
         check_number(where, "top_k", self.top_k, integer=True, low=1, optional=True)
         check_number(where, "top_p", self.top_p, low=0, low_open=True, high=1, optional=True)
