@@ -112,7 +112,6 @@ def _boom(exc: BaseException):
 
 def _errors():
     import json
-    import pickle
 
     from safetensors import SafetensorError
 
@@ -128,7 +127,6 @@ def _errors():
         CheckpointError("ck: bad"),
         XLoraConfigError("XLoraConfig.xlora_depth: expected an integer >= 1, got 0"),
         ValueError("plain"),
-        pickle.UnpicklingError("bad pickle"),
     ]
 
 

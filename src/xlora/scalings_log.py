@@ -76,7 +76,7 @@ def load_scalings_log(path: str | os.PathLike[str]) -> tuple[list[torch.Tensor],
             raise FileNotFoundError(f"{p}: scalings log file not found (write it with flush_log_scalings)")
     meta = json.loads(map_path.read_text())
     entries: dict[int, torch.Tensor] = {}
-    with np.load(npz_path) as data:
+    with np.load(npz_path, allow_pickle=False) as data:  # arrays only, never objects
         for key, rows in meta["arrays"].items():
             arr = torch.from_numpy(data[key])
             start = 0

@@ -152,7 +152,7 @@ def stage_args(cfg: ReproduceConfig, out: Path, run: str, steps: int, lr: float)
         warmup_steps=5,
         save_every=20,
         seed=cfg.seed,
-        resume=True,
+        resume="auto",  # continue a killed stage, start a new one afresh
     )
 
 
