@@ -3,7 +3,7 @@ checkpoint under inference-time changes (softmax temperature, top-1, global weig
 domain's expert forced on parts of the sequence (oracle, evaluation only), and of each single
 expert at other scales.
 
-    python experiments/routing_diagnostics.py --checkpoint src/xlora/science/shipped/xlora-science --work xlora-reproduce
+    python experiments/routing_diagnostics.py --work xlora-reproduce  # checkpoint: the shipped one
 """
 
 from __future__ import annotations
