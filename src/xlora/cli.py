@@ -23,6 +23,26 @@ out = Console()
 app = GuardedTyper(add_completion=False, no_args_is_help=True, help="X-LoRA: a mixture of LoRA experts.")
 
 
+@app.callback()
+def _options(
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show transformers' model-loading progress bars.")] = False,
+) -> None:
+    """X-LoRA: a mixture of LoRA experts."""
+    if verbose:
+        import os
+
+        os.environ["XLORA_VERBOSE"] = "1"
+
+
+def checkpoint_path(path: Path) -> Path:
+    """`shipped` names the science checkpoint installed with the package (unless a folder has that name)."""
+    if str(path) == "shipped" and not path.exists():
+        from .science import shipped_checkpoint
+
+        return shipped_checkpoint()
+    return path
+
+
 def parse_experts(items: list[str]) -> list[tuple[str, Path]]:
     """`NAME=DIR` strings -> (name, path) pairs (duplicates are reported by the library)."""
     pairs = []
@@ -102,7 +122,9 @@ def summarize_weights(names: list[str], steps: list) -> str:
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt (user message).")],
     experts: Annotated[list[str] | None, typer.Option("--experts", "-e", help="NAME=DIR, repeatable.")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="A saved X-LoRA checkpoint directory.")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="A saved X-LoRA checkpoint directory ('shipped': the science demo's).")
+    ] = None,
     base: Annotated[str, typer.Option(help="'default' (embedded SmolLM2) or a local HF model dir.")] = "default",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     temperature: Annotated[float, typer.Option(help="0 means greedy; > 0 samples.")] = 0.0,
@@ -129,7 +151,7 @@ def generate(
     pairs = parse_experts(experts or [])
     model_base, tokenizer = load_base(base, device=pick_device(device))
     if checkpoint is not None:
-        model = XLoraModel.from_pretrained(model_base, checkpoint)
+        model = XLoraModel.from_pretrained(model_base, checkpoint_path(checkpoint))
     elif pairs:
         model = XLoraModel.from_experts(model_base, pairs, XLoraConfig())
         err.print("[yellow]note:[/yellow] new, untrained gate: expert weights are arbitrary")
@@ -187,7 +209,7 @@ def info(path: Annotated[Path, typer.Argument(help="An X-LoRA checkpoint or a PE
     """Show the experts (ranks, alphas, targets) and the gate configuration of a checkpoint."""
     from .summary import describe
 
-    config, experts = describe(path)
+    config, experts = describe(checkpoint_path(path))
     table = Table(title=f"experts in {path}")
     for col in ("expert", "rank", "alpha", "rsLoRA", "modules", "targets"):
         table.add_column(col)
@@ -257,6 +279,7 @@ def serve(
         str | None, typer.Option(help="Model id clients use (default: checkpoint folder name).")
     ] = None,
     device: str | None = None,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body accepted (else 413).")] = 1 << 20,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (FastAPI + uvicorn)."""
     import uvicorn
@@ -267,13 +290,15 @@ def serve(
     from .serving import Engine
 
     model_base, tokenizer = load_base(base, device=pick_device(device))
+    checkpoint = checkpoint_path(checkpoint)
     model = XLoraModel.from_pretrained(model_base, checkpoint)
     engine = Engine(
         model, tokenizer, max_batch=max_batch, max_queue=max_queue, reuse_scalings_after=reuse_scalings_after
     )
     name = model_name or checkpoint.resolve().name
     out.print(f"serving {name} ({', '.join(model.expert_names)}) on http://{host}:{port}/v1", highlight=False)
-    uvicorn.run(create_app(engine, name), host=host, port=port, log_level="warning")
+    app_ = create_app(engine, name, max_body_bytes=max_body_bytes)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import _fail, app, out
+from .cli import _fail, app, checkpoint_path, out
 from .science import SHIPPED, shipped_checkpoint
 
 
@@ -134,7 +134,7 @@ def eval_cmd(
         if not items:
             raise ValueError(f"{data}: no records for task {task}")
         model_base, tok = load_base(base)
-        model = XLoraModel.from_pretrained(model_base, checkpoint)
+        model = XLoraModel.from_pretrained(model_base, checkpoint_path(checkpoint))
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
         return

@@ -309,6 +309,12 @@ def check_experts(base: nn.Module, experts: list[LoraExpert]) -> list[str]:
                     f"expert {expert.name!r}: target module {module} does not exist in the base model"
                     + (hint if arch else "")
                 )
+            if type(target).__name__ == "XLoraLinear" or hasattr(target, "base_layer"):
+                raise ExpertError(
+                    f"the base model already carries X-LoRA or LoRA layers ({module} is a {type(target).__name__}): "
+                    "building an XLoraModel changes its base in place; call `.unload()` on that model to get the "
+                    "plain base back, or load a fresh base model"
+                )
             shape = linear_shape(target)
             if shape is None:
                 raise ExpertError(

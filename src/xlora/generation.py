@@ -8,6 +8,7 @@ sequence keeps its last scalings.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -177,6 +178,22 @@ def check_prompt(
         )
 
 
+def with_model_defaults(model: XLoraModel, opts: SamplingOptions) -> SamplingOptions:
+    """Fill `eos_token_id` / `pad_token_id` left as None from the base model's generation_config (then its
+    config), as transformers' `generate` does, so decoding stops at the model's end-of-turn token.
+    `eos_token_id=[]` means: never stop early."""
+    if opts.eos_token_id is not None and opts.pad_token_id is not None:
+        return opts
+    sources = [getattr(model.base, "generation_config", None), getattr(model.base, "config", None)]
+
+    def first(name: str) -> Any:
+        return next((getattr(c, name) for c in sources if c is not None and getattr(c, name, None) is not None), None)
+
+    eos = opts.eos_token_id if opts.eos_token_id is not None else first("eos_token_id")
+    pad = opts.pad_token_id if opts.pad_token_id is not None else first("pad_token_id")
+    return dataclasses.replace(opts, eos_token_id=eos, pad_token_id=pad)
+
+
 def _select_rows(cache: Any, keep: torch.Tensor) -> None:
     if cache is not None:
         cache.batch_select_indices(keep)
@@ -198,7 +215,7 @@ def iter_generate(
     `stop_rows` `[B]` bool may be set True by the caller between steps (a stop string was seen, a
     client went away): that row counts as finished from the next step on.
     """
-    opts = options or SamplingOptions()
+    opts = with_model_defaults(model, options or SamplingOptions())
     opts.validate()
     model.config.validate(model.n_experts)  # fields assigned directly (not through the setters) too
     check_number("generate", "reuse_scalings_after", reuse_scalings_after, integer=True, low=1, optional=True)
@@ -285,6 +302,8 @@ def generate(
 ) -> torch.Tensor:
     """Return `[B, T_prompt + new]` token ids (finished rows padded), like `transformers` generate.
 
+    `eos_token_id` / `pad_token_id` default to the base model's generation_config (as transformers
+    does: decoding stops at the model's end-of-turn token); `eos_token_id=[]` never stops early.
     `streamer` follows transformers' streamer protocol (`put`, `end`; e.g. `TextIteratorStreamer`
     for an iterator of text); `callback` receives every GenerationStep. `use_cache=False`
     recomputes both passes over the whole sequence every step (slow; for checking).
@@ -302,6 +321,7 @@ def generate(
         pad_token_id=pad_token_id,
         seed=seed,
     )
+    opts = with_model_defaults(model, opts)
     opts.validate()
     check_prompt(input_ids, attention_mask, context_length(model), max_new_tokens, vocab_size(model.base))
     new_tokens = []
