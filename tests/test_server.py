@@ -85,7 +85,9 @@ def reference_answer(model, tok, content: str, max_tokens: int) -> str:
 def test_models_and_health(served):
     client, _, _, port = served
     assert [m.id for m in client.models.list().data] == [NAME]
-    assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
+    health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+    assert health["status"] == "ok" and health["base"] == {"dtype": "float32", "quantization": "none"}
+    assert client.models.list().data[0].model_extra["base"] == health["base"]
 
 
 def test_chat_greedy_equals_library(served):

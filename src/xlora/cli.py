@@ -34,6 +34,19 @@ def _options(
         os.environ["XLORA_VERBOSE"] = "1"
 
 
+# Base precision options, shared by every command that loads a base model.
+DtypeOption = Annotated[
+    str,
+    typer.Option(
+        "--dtype", help="Base precision: float32 (default, exact), bfloat16, float16, or auto (the checkpoint's)."
+    ),
+]
+QuantizeOption = Annotated[
+    str | None,
+    typer.Option("--quantize", help="Load the base quantized with bitsandbytes: int8, nf4 or fp4 (xlora[quant])."),
+]
+
+
 def checkpoint_path(path: Path) -> Path:
     """`shipped` names the science checkpoint installed with the package (unless a folder has that name)."""
     if str(path) == "shipped" and not path.exists():
@@ -136,6 +149,8 @@ def generate(
     ] = None,
     chat: Annotated[bool, typer.Option(help="Apply the tokenizer's chat template.")] = True,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present).")] = None,
+    dtype: DtypeOption = "float32",
+    quantize: QuantizeOption = None,
 ) -> None:
     """Generate text, streaming tokens, then print each expert's mean weight."""
     from transformers import TextStreamer
@@ -149,7 +164,7 @@ def generate(
     if experts and checkpoint:
         _fail("give either --experts or --checkpoint, not both")
     pairs = parse_experts(experts or [])
-    model_base, tokenizer = load_base(base, device=pick_device(device))
+    model_base, tokenizer = load_base(base, device=pick_device(device), dtype=dtype, quantization=quantize)
     if checkpoint is not None:
         model = XLoraModel.from_pretrained(model_base, checkpoint_path(checkpoint))
     elif pairs:
@@ -218,6 +233,12 @@ def info(path: Annotated[Path, typer.Argument(help="An X-LoRA checkpoint or a PE
     out.print(table)
     if config is not None:
         out.print("config: " + ", ".join(f"{k}={v}" for k, v in config.items()))
+        out.print(
+            f"base: {config.get('base_model_id')} (the checkpoint stores no base weights: it loads on an fp32, bf16, "
+            "8-bit or 4-bit base alike, --dtype / --quantize)",
+            soft_wrap=True,
+            highlight=False,
+        )
 
 
 @app.command()
@@ -280,6 +301,8 @@ def serve(
     ] = None,
     device: str | None = None,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body accepted (else 413).")] = 1 << 20,
+    dtype: DtypeOption = "float32",
+    quantize: QuantizeOption = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (FastAPI + uvicorn)."""
     import uvicorn
@@ -289,7 +312,7 @@ def serve(
     from .server import create_app
     from .serving import Engine
 
-    model_base, tokenizer = load_base(base, device=pick_device(device))
+    model_base, tokenizer = load_base(base, device=pick_device(device), dtype=dtype, quantization=quantize)
     checkpoint = checkpoint_path(checkpoint)
     model = XLoraModel.from_pretrained(model_base, checkpoint)
     engine = Engine(

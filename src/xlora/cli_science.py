@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import _fail, app, checkpoint_path, out
+from .cli import DtypeOption, QuantizeOption, _fail, app, checkpoint_path, out
 from .science import SHIPPED, shipped_checkpoint
 
 
@@ -69,6 +69,8 @@ DEMO_PROMPTS = {
 def demo(
     checkpoint: Annotated[Path | None, typer.Option(help="Default: the shipped science checkpoint.")] = None,
     figures: Annotated[Path, typer.Option(help="Where to write the routing figures.")] = Path("xlora-demo"),
+    dtype: DtypeOption = "float32",
+    quantize: QuantizeOption = None,
 ) -> None:
     """Answer one prompt per task with the shipped X-LoRA model, show which expert led, plot routing."""
     from .base_models import load_base
@@ -78,7 +80,7 @@ def demo(
 
     try:
         ck = checkpoint or shipped_checkpoint()
-        base, tok = load_base("default")
+        base, tok = load_base("default", dtype=dtype, quantization=quantize)
         model = XLoraModel.from_pretrained(base, ck)
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
@@ -118,6 +120,8 @@ def eval_cmd(
     task: Annotated[str, typer.Option(help="molecule-properties, molecule-design or peptides.")],
     data: Annotated[Path, typer.Option(help="JSONL of {task, prompt, completion, meta} records.")],
     base: str = "default",
+    dtype: DtypeOption = "float32",
+    quantize: QuantizeOption = None,
 ) -> None:
     """Score a checkpoint on any file in a task's format (as `xlora reproduce` writes them)."""
     from .base_models import load_base
@@ -133,7 +137,7 @@ def eval_cmd(
         items = [i for i in read_items(data) if i.task == task]
         if not items:
             raise ValueError(f"{data}: no records for task {task}")
-        model_base, tok = load_base(base)
+        model_base, tok = load_base(base, dtype=dtype, quantization=quantize)
         model = XLoraModel.from_pretrained(model_base, checkpoint_path(checkpoint))
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from .cli import _fail, app, parse_experts
+from .cli import DtypeOption, QuantizeOption, _fail, app, parse_experts
 
 if TYPE_CHECKING:
     pass
@@ -31,7 +31,7 @@ TRAIN_KEYS = (
 )
 
 
-def _prepare(base, device, data, eval, max_length, out, run_dir, options: dict):
+def _prepare(base, device, data, eval, max_length, out, run_dir, options: dict, dtype="float32", quantize=None):
     """What both training commands start with: process rank, base model, datasets, TrainingArgs."""
     from .base_models import load_base
     from .data import load_dataset
@@ -43,7 +43,7 @@ def _prepare(base, device, data, eval, max_length, out, run_dir, options: dict):
     steps = options.pop("steps")
     args = TrainingArgs(output_dir=str(out), max_steps=steps, run_dir=str(run_dir) if run_dir else None, **options)
     check_outputs(args)  # before minutes of loading and hours of training
-    model, tokenizer = load_base(base, device=_device_for(device))
+    model, tokenizer = load_base(base, device=_device_for(device), dtype=dtype, quantization=quantize)
     train_ds = load_dataset(data, tokenizer, max_length)
     eval_ds = load_dataset(eval, tokenizer, max_length) if eval else None
     return rank_id, model, tokenizer, train_ds, eval_ds, args
@@ -82,6 +82,8 @@ def train_expert_cmd(
     resume: bool = False,
     run_dir: Annotated[Path | None, typer.Option(help="Checkpoints and metrics.jsonl (default OUT-run).")] = None,
     device: str | None = None,
+    dtype: DtypeOption = "float32",
+    quantize: QuantizeOption = None,
 ) -> None:
     """Train one LoRA expert (a plain PEFT adapter directory) on a data file."""
     from .train import LoraOptions, train_expert
@@ -89,7 +91,7 @@ def train_expert_cmd(
     try:
         options = {k: v for k, v in locals().items() if k in TRAIN_KEYS}
         rank_id, model, tokenizer, train_ds, eval_ds, args = _prepare(
-            base, device, data, eval, max_length, out, run_dir, options
+            base, device, data, eval, max_length, out, run_dir, options, dtype, quantize
         )
         lora = LoraOptions(
             rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",")], dropout=lora_dropout
@@ -135,6 +137,8 @@ def train_gate_cmd(
     resume: bool = False,
     run_dir: Annotated[Path | None, typer.Option(help="Checkpoints and metrics.jsonl (default OUT-run).")] = None,
     device: str | None = None,
+    dtype: DtypeOption = "float32",
+    quantize: QuantizeOption = None,
 ) -> None:
     """Train the X-LoRA gate (classifier only; base and experts frozen) and save the checkpoint."""
     import torch
@@ -147,7 +151,7 @@ def train_gate_cmd(
         options = {k: v for k, v in locals().items() if k in TRAIN_KEYS}
         options.update(entropy_weight=entropy_weight, balance_weight=balance_weight)
         rank_id, model_base, tokenizer, train_ds, eval_ds, args = _prepare(
-            base, device, data, eval, max_length, out, run_dir, options
+            base, device, data, eval, max_length, out, run_dir, options, dtype, quantize
         )
         config = XLoraConfig(
             xlora_depth=depth,

@@ -152,13 +152,27 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
             "waiting": len(engine.waiting),
             "decoding": engine.busy_rows,
             "cancelled": engine.cancelled_rows,
+            "base": base_info,
         }
+
+    from .base_models import describe_base
+
+    base_info = describe_base(engine.model.base)
 
     @app.get("/v1/models")
     async def models():
         return {
             "object": "list",
-            "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "xlora", "experts": experts}],
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "xlora",
+                    "experts": experts,
+                    "base": base_info,  # {"dtype", "quantization"} of the base model under the mixture
+                }
+            ],
         }
 
     async def run(gen: GenRequest, http: Request) -> AsyncIterator[tuple]:
