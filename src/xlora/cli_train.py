@@ -31,7 +31,9 @@ TRAIN_KEYS = (
 )
 
 
-def _prepare(base, device, data, eval, max_length, out, run_dir, options: dict, dtype="float32", quantize=None):
+def _prepare(
+    base, device, data, eval, max_length, out, run_dir, options: dict, dtype="float32", quantize=None, kind="xlora"
+):
     """What both training commands start with: process rank, base model, datasets, TrainingArgs."""
     from .base_models import load_base
     from .data import load_dataset
@@ -42,7 +44,7 @@ def _prepare(base, device, data, eval, max_length, out, run_dir, options: dict, 
     options = dict(options)
     steps = options.pop("steps")
     args = TrainingArgs(output_dir=str(out), max_steps=steps, run_dir=str(run_dir) if run_dir else None, **options)
-    check_outputs(args)  # before minutes of loading and hours of training
+    check_outputs(args, kind)  # before minutes of loading and hours of training
     model, tokenizer = load_base(base, device=_device_for(device), dtype=dtype, quantization=quantize)
     train_ds = load_dataset(data, tokenizer, max_length)
     eval_ds = load_dataset(eval, tokenizer, max_length) if eval else None
@@ -91,7 +93,7 @@ def train_expert_cmd(
     try:
         options = {k: v for k, v in locals().items() if k in TRAIN_KEYS}
         rank_id, model, tokenizer, train_ds, eval_ds, args = _prepare(
-            base, device, data, eval, max_length, out, run_dir, options, dtype, quantize
+            base, device, data, eval, max_length, out, run_dir, options, dtype, quantize, kind="adapter"
         )
         lora = LoraOptions(
             rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",")], dropout=lora_dropout

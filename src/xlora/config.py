@@ -125,9 +125,13 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise XLoraConfigError(f"{path}: invalid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise XLoraConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except RecursionError:
+        raise XLoraConfigError(f"{path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise XLoraConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -17,8 +17,10 @@ from .config import write_text_atomic
 from .experts import check_experts, read_expert
 from .io import (
     CheckpointContents,
+    CheckpointError,
     StoredCheckpoint,
     check_classifier,
+    check_file_destination,
     copy_adapter_folder,
     read_checkpoint,
     to_original_keys,
@@ -67,15 +69,16 @@ def convert_checkpoint(src: Path, dst: Path, to: str, overwrite: bool = False) -
         base_model_id=stored.base_model_id,
         write_expert=lambda i, dest: copy_adapter_folder(stored.expert_dirs[i], dest),
     )
+    source, dest = Path(src).resolve(), Path(dst).resolve()
+    if dest == source or source.is_relative_to(dest) or dest.is_relative_to(source):
+        raise CheckpointError(f"{dst}: the destination must not be {src}, contain it or lie inside it")
     raw_by_norm = _source_names(stored)
     if to == "native":
-        write_native(contents, Path(dst), overwrite)
         dest_names = to_original_keys(dict.fromkeys(state), stored.config)
         dest_of = dict(zip(state, dest_names))
     else:
-        from .peft_format import PREFIX, write_peft
+        from .peft_format import PREFIX
 
-        write_peft(contents, Path(dst), overwrite)
         dest_of = {k: PREFIX + k for k in state}
     report = [
         TensorReport("classifier", raw_by_norm[k], dest_of[k], tuple(v.shape), str(v.dtype).removeprefix("torch."))
@@ -94,6 +97,13 @@ def convert_checkpoint(src: Path, dst: Path, to: str, overwrite: bool = False) -
                         str(t.dtype).removeprefix("torch."),
                     )
                 )
+    # write last: everything above read the source, which may not survive a mistake in DST
+    if to == "native":
+        write_native(contents, Path(dst), overwrite)
+    else:
+        from .peft_format import write_peft
+
+        write_peft(contents, Path(dst), overwrite)
     return report
 
 
@@ -130,6 +140,7 @@ def ordering(stored: StoredCheckpoint, base: nn.Module) -> dict:
 
 def export_ordering(checkpoint: Path, out: Path, base_dir: Path) -> dict:
     """Write the ordering file of `checkpoint` for the base model in `base_dir` (atomically)."""
+    check_file_destination(out)
     data = ordering(read_checkpoint(Path(checkpoint)), meta_base(Path(base_dir)))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(Path(out), json.dumps(data, indent=2) + "\n")

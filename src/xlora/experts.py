@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import regex
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -26,7 +27,13 @@ ExpertSpec = Mapping[str, "str | Path"] | Iterable[tuple[str, "str | Path"]]
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 # base_model.model.<module>.base_layer.weight: PEFT's full copy of a targeted lm_head/embedding
 _BASE_COPY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.base_layer\.weight$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=@ -]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@ -]*")  # used with fullmatch: no trailing newline
+# A module-name regex from a file gets this long to match one name: a pattern such as "(.|.)*Z"
+# backtracks exponentially and would hang the loader (checked with the `regex` module's timeout).
+PATTERN_TIMEOUT_S = 0.5
+MAX_PATTERN_CHARS = 500
+# |alpha / r| above this is no LoRA anyone trained: it only turns every logit into 0 or inf.
+MAX_SCALE = 1e4
 
 
 class ExpertError(ValueError):
@@ -60,7 +67,7 @@ def check_expert_name(name: object, source: str | Path | None = None) -> str:
     Letters, digits and `_.-+=@ ` only, not starting with a dot: no separators, no `..`, no hidden
     or absolute names, so `<dir> / name` always stays inside `<dir>`.
     """
-    if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > 200:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or len(name) > 200:
         where = f"{source}: " if source else ""
         raise ExpertError(
             f"{where}expert name {name!r}: expected 1-200 letters, digits and _.-+=@ or spaces, not starting "
@@ -120,6 +127,10 @@ def _check_adapter_config(cfg: dict, cfg_path: Path, name: str) -> None:
         fail("lora_alpha", "a finite number > 0", cfg["lora_alpha"])
     if "r" in cfg and not _is_positive_int(cfg["r"]):
         fail("r", "an integer >= 1", cfg["r"])
+    if cfg.get("layer_replication"):
+        fail(
+            "layer_replication", "null (replicated layers change the base model's structure)", cfg["layer_replication"]
+        )
     patterns = (("alpha_pattern", "a finite number > 0"), ("rank_pattern", "an integer >= 1"))
     for field_name, expected in patterns:
         pattern = cfg.get(field_name)
@@ -128,32 +139,43 @@ def _check_adapter_config(cfg: dict, cfg_path: Path, name: str) -> None:
         if not isinstance(pattern, dict):
             fail(field_name, "an object {module regex: value}", pattern)
         for key, value in pattern.items():
+            if len(key) > MAX_PATTERN_CHARS:
+                fail(field_name, f"module name regexes of at most {MAX_PATTERN_CHARS} characters", key[:40] + "...")
             try:
-                re.compile(key)
-            except re.error as e:
+                regex.compile(key)
+            except regex.error as e:
                 fail(field_name, f"module name regexes (key {key!r}: {e})", pattern)
             ok = _is_positive_int(value) if field_name == "rank_pattern" else _is_number(value) and value > 0
             if not ok:
                 fail(f"{field_name}[{key!r}]", expected, value)
 
 
-def _pattern_value(module: str, pattern: dict | None) -> tuple[str, object] | None:
-    """PEFT's per-module override: the first key whose regex matches a dotted suffix of the name."""
+def _pattern_value(module: str, pattern: dict | None, where: str) -> tuple[str, object] | None:
+    """PEFT's per-module override: the first key whose regex matches a dotted suffix of the name.
+
+    Matched with a time limit: a pathological pattern is an error, not a hang."""
     for key, value in (pattern or {}).items():
-        if re.fullmatch(rf"(.*\.)?(?:{key})", module):
+        try:
+            hit = regex.fullmatch(rf"(.*\.)?(?:{key})", module, timeout=PATTERN_TIMEOUT_S)
+        except TimeoutError:
+            raise ExpertError(
+                f"{where}: regex {key!r} takes over {PATTERN_TIMEOUT_S} s to match {module!r} "
+                "(catastrophic backtracking); use a plain module-name pattern"
+            ) from None
+        if hit:
             return key, value
     return None
 
 
-def _alpha_for(module: str, cfg: dict) -> float:
+def _alpha_for(module: str, cfg: dict, where: str = "alpha_pattern") -> float:
     """PEFT's per-module alpha: the first `alpha_pattern` key matching the module name's suffix."""
-    hit = _pattern_value(module, cfg.get("alpha_pattern"))
+    hit = _pattern_value(module, cfg.get("alpha_pattern"), where)
     return float(hit[1] if hit else cfg.get("lora_alpha", 8))
 
 
 def _check_rank(module: str, rank: int, cfg: dict, cfg_path: Path, name: str) -> None:
     """The tensors' rank must be the one the config declares (`rank_pattern`, else `r`), as PEFT requires."""
-    hit = _pattern_value(module, cfg.get("rank_pattern"))
+    hit = _pattern_value(module, cfg.get("rank_pattern"), f"expert {name!r}: {cfg_path}: field 'rank_pattern'")
     field_name, declared = (f"rank_pattern[{hit[0]!r}]", hit[1]) if hit else ("r", cfg.get("r"))
     if declared is not None and declared != rank:
         raise ExpertError(
@@ -277,8 +299,13 @@ def read_expert(name: str, path: str | Path) -> LoraExpert:
         if r == 0:
             raise ExpertError(f"expert {name!r}: module {module} has rank 0 in {file} (lora_A {tuple(a.shape)})")
         _check_rank(module, r, cfg, cfg_path, name)
-        alpha = _alpha_for(module, cfg)
+        alpha = _alpha_for(module, cfg, f"expert {name!r}: {cfg_path}: field 'alpha_pattern'")
         expert.scales[module] = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        if expert.scales[module] > MAX_SCALE:
+            raise ExpertError(
+                f"expert {name!r}: {cfg_path}: lora_alpha {alpha} over rank {r} scales module {module} by "
+                f"{expert.scales[module]:.3g}; expected at most {MAX_SCALE:g} (a corrupt or hostile config?)"
+            )
         expert.weights[module] = (a, b)
     extra_b = set(b_parts) - set(a_parts)
     if extra_b:

@@ -19,7 +19,6 @@ from transformers import DynamicCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
@@ -29,6 +28,18 @@ from .model import cache_kwargs
 
 if TYPE_CHECKING:
     from .model import XLoraModel
+
+
+class StableTemperature:
+    """`logits / T` after subtracting each row's maximum: the same distribution, but a tiny T (1e-40)
+    gives a one-hot row instead of inf/NaN (which would fail every request sharing the batch)."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float()
+        return (scores - scores.max(dim=-1, keepdim=True).values) / self.temperature  # [B, V], max 0
 
 
 @dataclass
@@ -77,7 +88,7 @@ class SamplingOptions:
             procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
         if self.do_sample:
             if self.temperature != 1.0:
-                procs.append(TemperatureLogitsWarper(self.temperature))
+                procs.append(StableTemperature(self.temperature))
             if self.top_k is not None:
                 procs.append(TopKLogitsWarper(self.top_k))
             if self.top_p is not None and self.top_p < 1.0:

@@ -192,10 +192,25 @@ def _siblings(path: Path, kind: str) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime)
 
 
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks (Linux /proc), to tell a reused pid from its first owner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "0"
+
+
 def _owner_alive(leftover: Path) -> bool:
-    """Leftovers are named `.NAME.KIND-PID-RANDOM`: is the process that made this one still running?"""
-    pid = leftover.name.rsplit(".", 1)[-1].split("-")[1]
-    return pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))
+    """Leftovers are named `.NAME.KIND-PID-START-RANDOM`: is the process that made this one still running?
+    (A pid that now belongs to a process started at another time is not the owner.)"""
+    parts = leftover.name.rsplit(".", 1)[-1].split("-")
+    if len(parts) < 3 or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid() or not _pid_alive(pid):
+        return False
+    return len(parts) < 4 or parts[2] == _start_time(pid)
 
 
 def recover_directory(path: Path) -> str | None:
@@ -225,11 +240,34 @@ def recover_directory(path: Path) -> str | None:
     return action
 
 
-def check_destination(path: str | os.PathLike[str], overwrite: bool = True) -> Path:
+# What an existing directory must be for a save to replace it (an empty directory always may be).
+REPLACEABLE = {
+    "xlora": "an X-LoRA checkpoint",
+    "adapter": "a PEFT adapter directory",
+    "run-checkpoint": "a training checkpoint",
+}
+
+
+def _is_kind(path: Path, kind: str) -> bool:
+    if kind == "xlora":
+        if (path / CONFIG_NAME).is_file():
+            return True
+        try:
+            return str(read_json_object(path / "adapter_config.json").get("peft_type", "")).upper() == "XLORA"
+        except (OSError, ValueError):
+            return False
+    if kind == "adapter":
+        return (path / "adapter_config.json").is_file()
+    return (path / "meta.json").is_file() or (path / "state.pt").is_file()
+
+
+def check_destination(path: str | os.PathLike[str], overwrite: bool = True, replaces: str | None = "xlora") -> Path:
     """Refuse, before any work, a destination we could not write or should not replace.
 
     Errors name the path as given: `.` or any folder containing the current directory, a parent that
-    is a file, an existing file, an existing directory without `overwrite`, a read-only parent.
+    is a file, an existing file, an existing directory without `overwrite`, an existing directory
+    that is not empty and not of the kind being saved (`replaces`, see REPLACEABLE: replacing it
+    would delete the user's other files; None: a folder we only write into), a read-only parent.
     """
     given = str(path)
     path = Path(path)
@@ -240,6 +278,11 @@ def check_destination(path: str | os.PathLike[str], overwrite: bool = True) -> P
         raise CheckpointError(f"{given}: exists and is not a directory")
     if path.exists() and not overwrite:
         raise CheckpointError(f"{given}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if replaces is not None and path.is_dir() and any(path.iterdir()) and not _is_kind(path, replaces):
+        raise CheckpointError(
+            f"{given}: exists, is not empty and is not {REPLACEABLE[replaces]}; refusing to replace it "
+            "(that would delete its files): choose a new or empty folder"
+        )
     parent = resolved.parent
     for ancestor in [parent, *parent.parents]:
         if ancestor.exists():
@@ -253,20 +296,29 @@ def check_destination(path: str | os.PathLike[str], overwrite: bool = True) -> P
     return path
 
 
+def check_file_destination(path: str | os.PathLike[str]) -> Path:
+    """A file we are about to write: not a directory, its parent creatable and writable (errors name it)."""
+    given, path = str(path), Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{given}: is a directory; expected a file name")
+    check_destination(path.parent / f".{path.name}.probe", overwrite=True, replaces=None)
+    return path
+
+
 @contextmanager
-def atomic_directory(path: Path, overwrite: bool) -> Iterator[Path]:
+def atomic_directory(path: Path, overwrite: bool, replaces: str = "xlora") -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path`, on failure it vanishes.
 
     Whatever fails (the work, a rename, a kill), `path` is afterwards either the old directory,
     untouched, or the complete new one; `recover_directory` finishes a replacement a kill interrupted.
     """
     path = Path(path)
-    check_destination(path, overwrite=True)
+    check_destination(path, overwrite=True, replaces=replaces)
     recover_directory(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tag = f"{os.getpid()}-{_start_time(os.getpid())}-{uuid.uuid4().hex[:8]}"
     tmp = path.parent / f".{path.name}.tmp-{tag}"
     tmp.mkdir()
     try:
@@ -303,12 +355,25 @@ def _kill_point(name: str) -> None:
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")
 
 
-def copy_adapter_folder(src: Path, dest: Path) -> None:
-    """Copy a PEFT adapter folder's files (config, weights, README)."""
-    dest.mkdir(parents=True)
+def adapter_files(src: Path) -> list[Path]:
+    """The adapter files of a folder, refusing any that leads outside it (a symlink to ~/.ssh/...)."""
+    root = Path(src).resolve()
+    files = []
     for fname in ADAPTER_FILES:
-        if (src / fname).is_file():
-            shutil.copy2(src / fname, dest / fname)
+        f = Path(src) / fname
+        if f.is_symlink() or f.exists():
+            if not f.resolve().is_relative_to(root) or not f.resolve().is_file():
+                raise CheckpointError(f"{f}: leads outside its adapter folder (a symlink?); refusing to read it")
+            files.append(f)
+    return files
+
+
+def copy_adapter_folder(src: Path, dest: Path) -> None:
+    """Copy a PEFT adapter folder's files (config, weights, README), never through a symlink out of it."""
+    files = adapter_files(src)
+    dest.mkdir(parents=True)
+    for f in files:
+        shutil.copyfile(f, dest / f.name)
 
 
 def write_expert_from_model(model: XLoraModel, index: int, dest: Path) -> None:
@@ -395,7 +460,17 @@ def read_native_config(path: Path) -> tuple[XLoraConfig, list[str], dict]:
         raise XLoraConfigError(f"{cfg_path}: field 'adapters' must list the expert names, got {adapters!r}")
     if not names or len(set(names)) != len(names):
         raise XLoraConfigError(f"{cfg_path}: field 'adapters' must list distinct expert names, got {names!r}")
+    check_base_model_id(data.get("base_model_id"), cfg_path, "base_model_id")
+    try:
+        config.validate(n_experts=len(names))
+    except XLoraConfigError as e:
+        raise XLoraConfigError(f"{cfg_path}: {e}") from None
     return config, names, data
+
+
+def check_base_model_id(value: object, source: Path, field: str) -> None:
+    if value is not None and not isinstance(value, str):
+        raise XLoraConfigError(f"{source}: field {field!r}: expected a model id string or null, got {value!r}")
 
 
 def stored_expert_path(checkpoint: Path, stored: object) -> Path | None:
@@ -433,6 +508,7 @@ def resolve_expert_dirs(
                 f"{path}: adapter folder {options[0].name}/ for expert {name!r} is missing (expert folders "
                 "must be inside the checkpoint; pass adapters={...} to load experts from elsewhere)"
             )
+        adapter_files(found)  # no file of a checkpoint's expert may lead outside it
         dirs.append(found)
     return dirs
 

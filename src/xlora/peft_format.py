@@ -25,6 +25,7 @@ from .io import (
     CheckpointError,
     StoredCheckpoint,
     atomic_directory,
+    check_base_model_id,
     check_destination,
     load_classifier_state,
     resolve_expert_dirs,
@@ -108,6 +109,11 @@ def read_peft(path: Path, adapters: ExpertSpec | None = None) -> StoredCheckpoin
     other = sorted(set(raw) - set(state))
     if other:
         raise CheckpointError(f"{clf_path}: unexpected tensors {', '.join(other[:3])} (expected only the classifier)")
+    check_base_model_id(data.get("base_model_name_or_path"), cfg_path, "base_model_name_or_path")
+    try:
+        config.validate(n_experts=len(names))
+    except XLoraConfigError as e:
+        raise XLoraConfigError(f"{cfg_path}: {e}") from None
     return StoredCheckpoint(
         config=config,
         names=names,

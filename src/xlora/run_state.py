@@ -114,7 +114,7 @@ def write_run_identity(run: Path, identity: dict) -> None:
 
 def write_checkpoint(run: Path, step: int, weights: dict[str, torch.Tensor], state: dict) -> None:
     """Write `run/checkpoint/` atomically (the old one stays until the new one is complete)."""
-    with atomic_directory(Path(run) / CHECKPOINT, overwrite=True) as tmp:
+    with atomic_directory(Path(run) / CHECKPOINT, overwrite=True, replaces="run-checkpoint") as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
         torch.save(state, tmp / STATE)
         (tmp / META).write_text(json.dumps({"step": int(step), "format": 1}) + "\n")

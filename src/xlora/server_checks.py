@@ -67,7 +67,7 @@ class Sampling(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False, strict=True)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX, strict=True)
-    stream: bool = False
+    stream: bool = Field(default=False, strict=True)  # "yes" or 1 is a 400, not a stream
     xlora: XLoraExtension | None = None
 
 
@@ -191,9 +191,25 @@ def completion_prompt_ids(req: CompletionRequest, tokenizer: Any) -> list[int]:
         if len(prompt) != 1 or not isinstance(prompt[0], str):
             raise BadRequest("unsupported: prompt as a list other than one string", "prompt")
         prompt = prompt[0]
-    if not prompt:
+    if not prompt.strip():
         raise BadRequest("prompt: must not be empty", "prompt")
     return tokenizer(prompt)["input_ids"]
+
+
+def check_text(req: Sampling) -> None:
+    """400 for text a tokenizer cannot take (lone UTF-16 surrogates) and for chats with nothing said."""
+    texts: list[tuple[str, str]] = []
+    if isinstance(req, ChatRequest):
+        texts = [(f"messages.{i}.content", m.content) for i, m in enumerate(req.messages) if isinstance(m.content, str)]
+        if all(not text.strip() for _, text in texts):
+            raise BadRequest("messages: every message is empty", "messages")
+    elif isinstance(req, CompletionRequest) and isinstance(req.prompt, str):
+        texts = [("prompt", req.prompt)]
+    for field, text in [*texts, *[("stop", x) for x in ([req.stop] if isinstance(req.stop, str) else req.stop or [])]]:
+        try:
+            text.encode("utf-8")
+        except (UnicodeEncodeError, AttributeError):
+            raise BadRequest(f"{field}: not valid Unicode text (a lone surrogate?)", field) from None
 
 
 def check_mixture(ext: XLoraExtension, experts: list[str]) -> MixtureOptions:
@@ -220,6 +236,9 @@ def prepare(
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > MAX_STOP:
         raise BadRequest(f"stop: at most {MAX_STOP} sequences", "stop")
+    if any(not isinstance(x, str) or not x for x in stop):
+        raise BadRequest("stop: every stop sequence must be a non-empty string", "stop")
+    check_text(req)
     mixture = check_mixture(req.xlora or XLoraExtension(), experts)
     if isinstance(req, ChatRequest):
         prompt_ids = chat_prompt_ids(req, tokenizer)

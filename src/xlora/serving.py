@@ -102,7 +102,8 @@ def _row_sampler(requests: list[Request], device: torch.device):
             if r.temperature <= 0:
                 out[j] = scores.argmax()
                 continue
-            probs = torch.softmax(scores / r.temperature, dim=-1)
+            # shifted so the row's maximum is 0: a tiny temperature gives one-hot, never inf/NaN
+            probs = torch.softmax((scores - scores.max()) / r.temperature, dim=-1)
             if r.top_p < 1.0:
                 sorted_p, order = probs.sort(descending=True)
                 cut = sorted_p.cumsum(0) - sorted_p > r.top_p  # drop tokens once the mass before them > top_p

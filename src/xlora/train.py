@@ -6,6 +6,7 @@ import hashlib
 import json
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,12 +36,24 @@ class LoraOptions:
 
 
 def base_identity(base: nn.Module) -> dict:
-    """The base model's architecture (its config without paths and versions), hashed for a run's identity."""
+    """The base model for a run's identity: its architecture (config without paths and versions) and
+    a fingerprint of its weights (the first 64 values of every frozen base tensor, in storage bytes:
+    cheap on a 7B model, and different for any other checkpoint of the same architecture)."""
     config = getattr(base, "config", None)
     data = config.to_dict() if config is not None else {"class": type(base).__name__}
     data = {k: v for k, v in data.items() if not k.startswith("_") and k != "transformers_version"}
     text = json.dumps(data, sort_keys=True, default=str)
-    return {"model_type": data.get("model_type"), "config_sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
+    weights = hashlib.sha256()
+    for name, tensor in base.state_dict().items():
+        if "lora_" in name or not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
+            continue  # LoRA layers PEFT injected for this very run, quantization metadata
+        weights.update(name.split("base_layer.")[-1].encode())
+        weights.update(tensor.detach().flatten()[:64].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return {
+        "model_type": data.get("model_type"),
+        "config_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "weights_sha256": weights.hexdigest()[:16],
+    }
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -48,10 +61,19 @@ def is_quantized(model: nn.Module) -> bool:
     return any(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in model.modules())
 
 
-def check_outputs(args: TrainingArgs) -> None:
-    """Fail before training, not after hours, when the model or run directory cannot be written."""
-    check_destination(args.output_dir, overwrite=True)
-    check_destination(args.run_path, overwrite=True)
+def check_outputs(args: TrainingArgs, kind: str) -> None:
+    """Fail before training, not after hours, when the model (`kind`: "xlora" or "adapter") or the run
+    directory cannot be written, or when saving the model would delete the run directory."""
+    from .io import CheckpointError
+
+    check_destination(args.output_dir, overwrite=True, replaces=kind)
+    check_destination(args.run_path, overwrite=True, replaces=None)
+    out, run = Path(args.output_dir).resolve(), args.run_path.resolve()
+    if run == out or run.is_relative_to(out):
+        raise CheckpointError(
+            f"{args.run_path}: the run directory must not be --out ({args.output_dir}) or inside it: the final "
+            "save replaces --out and would delete the run's checkpoints and metrics"
+        )
 
 
 def _barrier() -> None:
@@ -72,7 +94,7 @@ def train_expert(
     from peft import LoraConfig, get_peft_model
 
     lora = lora or LoraOptions()
-    check_outputs(args)
+    check_outputs(args, "adapter")
     torch.manual_seed(args.seed)  # LoRA A init
     config = LoraConfig(
         r=lora.rank,
@@ -95,7 +117,7 @@ def train_expert(
     try:
         records = trainer.fit()
         if trainer.rank == 0:
-            with atomic_directory(args.output_dir, overwrite=True) as tmp:
+            with atomic_directory(args.output_dir, overwrite=True, replaces="adapter") as tmp:
                 peft_model.save_pretrained(tmp)
         _barrier()
     finally:
@@ -135,7 +157,7 @@ def train_gate(
 ) -> list[dict]:
     """Train only the classifier (next-token loss on the second pass) and save the X-LoRA
     checkpoint at `args.output_dir`. Returns the step log."""
-    check_outputs(args)
+    check_outputs(args, "xlora")
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     experts = [
         {"name": name, "sha256": folder_fingerprint(model.expert_sources[name][0], ADAPTER_FILES[:3])[:16]}
