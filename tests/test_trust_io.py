@@ -220,3 +220,85 @@ def test_non_finite_or_corrupt_classifier_is_refused(model, tiny, tmp_path):
         XLoraModel.from_pretrained(load_base(base_dir), ck)
     r = runner.invoke(app, ["convert", str(ck), str(tmp_path / "out")])
     assert r.exit_code == 2 and "not a readable safetensors file" in r.output and "Traceback" not in r.output
+
+
+# ---------------------------------------------------------------------- found by the hostile review
+
+
+def test_saves_never_replace_a_folder_of_other_files(model, tmp_path):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    for fmt in ("native", "peft"):
+        with pytest.raises(CheckpointError, match=r"thesis: exists, is not empty and is not an X-LoRA checkpoint"):
+            model.save_pretrained(folder, format=fmt)
+    assert (folder / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "empty").mkdir()
+    model.save_pretrained(tmp_path / "empty")  # an empty folder, or an earlier checkpoint, may be replaced
+    model.save_pretrained(tmp_path / "empty")
+
+
+def test_convert_never_writes_over_or_into_its_source(model, tmp_path):
+    parent = tmp_path / "parent"
+    ck = model.save_pretrained(parent / "ck")
+    (parent / "notes.txt").write_text("keep")
+    for dst in (parent, ck, ck / "inner"):
+        r = runner.invoke(app, ["convert", str(ck), str(dst), "--overwrite"])
+        assert r.exit_code == 2, r.output
+    assert (parent / "notes.txt").read_text() == "keep" and (ck / "xlora_config.json").is_file()
+
+
+def test_symlinked_adapter_files_are_never_read_or_copied(model, tiny, tmp_path):
+    base_dir, _ = tiny
+    ck = model.save_pretrained(tmp_path / "ck")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private key")
+    (ck / "chem" / "README.md").unlink()
+    (ck / "chem" / "README.md").symlink_to(secret)
+    with pytest.raises(CheckpointError, match=r"README.md: leads outside its adapter folder"):
+        XLoraModel.from_pretrained(load_base(base_dir), ck)
+    r = runner.invoke(app, ["convert", str(ck), str(tmp_path / "out")])
+    assert r.exit_code == 2 and not (tmp_path / "out").exists()
+    copies = [p for p in tmp_path.rglob("*.md") if p.is_file() and not p.is_symlink()]
+    assert not any("private key" in p.read_text(errors="ignore") for p in copies)
+
+
+def test_pathological_pattern_regexes_fail_fast(tiny, tmp_path):
+    import time
+
+    base_dir, experts = tiny
+    bad = tmp_path / "bad"
+    shutil.copytree(experts["chem"], bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["alpha_pattern"] = {"(.|.)*Z": 4}
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    t0 = time.perf_counter()  # hung the loader with Python's re (exponential backtracking)
+    XLoraModel.from_experts(load_base(base_dir), {"chem": bad})
+    assert time.perf_counter() - t0 < 30
+    import xlora.experts as experts_module
+
+    cfg["alpha_pattern"] = {"q_proj": 4}
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    original = experts_module.PATTERN_TIMEOUT_S
+    experts_module.PATTERN_TIMEOUT_S = 1e-9  # any match now runs out of time: the error path
+    try:
+        with pytest.raises(ExpertError, match=r"alpha_pattern'?: regex 'q_proj' takes over .*backtracking"):
+            XLoraModel.from_experts(load_base(base_dir), {"chem": bad})
+    finally:
+        experts_module.PATTERN_TIMEOUT_S = original
+
+
+@pytest.mark.parametrize("bad", ["chem\n", "chem\r", " chem"[1:] + "\n"])
+def test_names_with_line_breaks_are_refused(bad):
+    from xlora.experts import check_expert_name
+
+    with pytest.raises(ExpertError, match="expert name"):
+        check_expert_name(bad)
+
+
+def test_run_dir_inside_out_is_refused(train_setup, tmp_path):
+    from training_helpers import run_gate
+
+    for run_dir in (tmp_path / "g", tmp_path / "g" / "run"):
+        with pytest.raises(CheckpointError, match=r"run directory must not be --out"):
+            run_gate(train_setup, tmp_path / "g", max_steps=1, run_dir=str(run_dir))
