@@ -335,3 +335,32 @@ def test_engine_refuses_a_request_that_would_fail_its_batch(model_tok, bad):
         assert not engine.waiting
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    "path, body, needle",
+    [
+        (CHAT_PATH, {**CHAT, "stream": "yes"}, "stream"),
+        (CHAT_PATH, {**CHAT, "stream": 1}, "stream"),
+        (CHAT_PATH, {**CHAT, "stop": ""}, "stop"),
+        (CHAT_PATH, {**CHAT, "stop": ["x", ""]}, "stop"),
+        (CHAT_PATH, {**CHAT, "messages": [{"role": "user", "content": ""}]}, "empty"),
+        (
+            CHAT_PATH,
+            {**CHAT, "messages": [{"role": "system", "content": " "}, {"role": "user", "content": ""}]},
+            "empty",
+        ),
+        (CHAT_PATH, {**CHAT, "messages": [{"role": "user", "content": "w1 \ud800 w2"}]}, "surrogate"),
+        (COMPLETION_PATH, {**COMPLETION, "prompt": "w1 \udfff"}, "surrogate"),
+        (COMPLETION_PATH, {**COMPLETION, "prompt": "   "}, "empty"),
+    ],
+)
+def test_lenient_inputs_found_by_review_are_400(client, path, body, needle):
+    error_of(post(client, path, body), 400, needle)
+
+
+def test_a_tiny_temperature_samples_one_hot_and_never_fails_the_batch(client):
+    greedy = post(client, CHAT_PATH, {**CHAT, "temperature": 0, "max_tokens": 4})
+    tiny_t = post(client, CHAT_PATH, {**CHAT, "temperature": 1e-40, "seed": 1, "max_tokens": 4})
+    assert greedy.status_code == tiny_t.status_code == 200, tiny_t.text
+    assert tiny_t.json()["choices"][0]["message"]["content"] == greedy.json()["choices"][0]["message"]["content"]

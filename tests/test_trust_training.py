@@ -192,3 +192,14 @@ def test_unwritable_destinations_fail_before_training(train_setup, tmp_path):
     args = TrainingArgs(output_dir=str(afile / "e"), max_steps=1, batch_size=8, progress=False)
     with pytest.raises(CheckpointError, match="afile is a file"):
         train_expert(load_base(base_dir), load_dataset(data, tok), None, args, LoraOptions(rank=2))
+
+
+def test_resume_notices_another_base_of_the_same_architecture(train_setup, tmp_path):
+    from helpers import add_tiny_tokenizer, make_base
+
+    base_dir, experts, data, ev = train_setup
+    other = make_base(tmp_path / "other-base", seed=1)  # same config, other weights
+    add_tiny_tokenizer(other)
+    run_gate(train_setup, tmp_path / "g", max_steps=4, save_every=2)
+    with pytest.raises(RunError, match=r"base\.weights_sha256"):
+        run_gate((other, experts, data, ev), tmp_path / "g", max_steps=4, save_every=2, resume=True)
