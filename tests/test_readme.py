@@ -20,8 +20,8 @@ def python_blocks() -> list[str]:
 
 def test_the_readme_has_the_blocks_this_test_knows():
     blocks = python_blocks()
-    assert len(blocks) == 2, "a Python block was added or removed: run it here too"
-    assert "from_experts" in blocks[0] and "openai.OpenAI" in blocks[1]
+    assert len(blocks) == 3, "a Python block was added or removed: run it here too"
+    assert "from_experts" in blocks[0] and "openai.OpenAI" in blocks[1] and "quantization=" in blocks[2]
 
 
 def test_api_block_runs(tmp_path, monkeypatch, capsys):
@@ -36,6 +36,15 @@ def test_api_block_runs(tmp_path, monkeypatch, capsys):
     ids_out = namespace["ids_out"]
     assert ids_out.shape[1] <= ids.shape[1] + 16
     assert capsys.readouterr().out.strip() != ""  # it printed the answer
+
+
+def test_quantized_base_block_runs(capsys):
+    pytest.importorskip("bitsandbytes")
+    namespace: dict = {}
+    exec(compile(python_blocks()[2], "README.md[python 3]", "exec"), namespace)
+    layer = namespace["model"].xlora_layers[0]
+    assert type(layer.base_layer).__name__ == "Linear4bit"  # the base stayed 4-bit under the mixture
+    assert capsys.readouterr().out.strip() != ""
 
 
 def _port_free(port: int) -> bool:
