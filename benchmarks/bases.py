@@ -34,7 +34,7 @@ PRECISIONS = {
     "nf4": ("float32", "nf4"),
 }
 DEMO_PROMPTS = [
-    "Molecule CC(=O)OC1=CC=CC=C1. Give its HOMO-LUMO gap in eV and its dipole in debye.",
+    "Molecule OC1=CC=CC=C1. Give its HOMO-LUMO gap in eV and its dipole in debye.",
     "Design a molecule with formula C4H5NO. Answer with a SMILES.",
     "Peptide GLFDIVKKVVGALGSL. Is it antimicrobial, and what is its net charge at pH 7?",
 ]

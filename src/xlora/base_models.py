@@ -94,7 +94,8 @@ def default_base_dir() -> Path:
         import sys
 
         print(f"converting the embedded SmolLM2 once (about 20 s) into {target}", file=sys.stderr)
-        _build_cache(target)
+        with quiet_loading():
+            _build_cache(target)
     _drop_gguf_marker(target / "config.json")
     return target
 

@@ -59,7 +59,8 @@ def reproduce(
 
 
 DEMO_PROMPTS = {
-    "molecule-properties": "Molecule CC(=O)OC1=CC=CC=C1. Give its HOMO-LUMO gap in eV and its dipole in debye.",
+    # phenol: 7 heavy atoms, inside QM9's range (at most 9), Kekulé SMILES as in QM9
+    "molecule-properties": "Molecule OC1=CC=CC=C1. Give its HOMO-LUMO gap in eV and its dipole in debye.",
     "molecule-design": "Design a molecule with formula C4H5NO. Answer with a SMILES.",
     "peptides": "Peptide GLFDIVKKVVGALGSL. Is it antimicrobial, and what is its net charge at pH 7?",
 }
@@ -90,9 +91,21 @@ def demo(
         highlight=False,
         soft_wrap=True,
     )
+    if not model.config.enable_softmax:
+        out.print(
+            "expert weights below are the gate's mean scalings over the answer (unconstrained: > 1 boosts "
+            "an expert, < 0 subtracts it; they need not sum to 1)",
+            highlight=False,
+            soft_wrap=True,
+        )
     heat, lines = [], []
     for task, prompt in DEMO_PROMPTS.items():
         mean, tokens, weights, answer = routing_for(model, tok, prompt, MAX_NEW_TOKENS[task])
+        if task == "molecule-design":
+            from .science.tasks import formula_of
+
+            formula = formula_of(answer.strip())
+            answer += f"  (RDKit: {'valid, ' + formula if formula else 'not a valid SMILES'})"
         per_expert = weights.mean(0) if len(weights) else mean.mean(0)
         lead = model.expert_names[int(per_expert.argmax())]
         shares = ", ".join(f"{n} {w:.2f}" for n, w in zip(model.expert_names, per_expert.tolist()))
