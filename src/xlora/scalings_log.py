@@ -74,13 +74,18 @@ def load_scalings_log(path: str | os.PathLike[str]) -> tuple[list[torch.Tensor],
     for p in (map_path, npz_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: scalings log file not found (write it with flush_log_scalings)")
-    meta = json.loads(map_path.read_text())
+    from .config import read_json_object
+
+    meta = read_json_object(map_path)  # errors name the file
     entries: dict[int, torch.Tensor] = {}
-    with np.load(npz_path, allow_pickle=False) as data:  # arrays only, never objects
-        for key, rows in meta["arrays"].items():
-            arr = torch.from_numpy(data[key])
-            start = 0
-            for row in rows:
-                entries[row["log_index"]] = arr[start : start + row["batch_size"]]
-                start += row["batch_size"]
+    try:
+        with np.load(npz_path, allow_pickle=False) as data:  # arrays only, never objects
+            for key, rows in meta["arrays"].items():
+                arr = torch.from_numpy(data[key])
+                start = 0
+                for row in rows:
+                    entries[row["log_index"]] = arr[start : start + row["batch_size"]]
+                    start += row["batch_size"]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{map_path}: does not describe {npz_path.name} (missing or wrong entry {e})") from None
     return [entries[i] for i in sorted(entries)], meta
