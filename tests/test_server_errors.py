@@ -253,7 +253,7 @@ def test_values_at_the_bounds_are_accepted(client, change):
         (["w1", "w2"], "unsupported: prompt"),
         ([[7, 8]], "unsupported: prompt"),
         ([""], "prompt: must not be empty"),
-        ("   ", "no tokens"),
+        ("   ", "prompt: must not be empty"),
         (None, "prompt"),
     ],
 )
