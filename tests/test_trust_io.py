@@ -15,7 +15,7 @@ from helpers import load_base, sharpen
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import xlora.io as io
+import xlora.safe_write as safe_write
 from xlora import CheckpointError, ExpertError, XLoraConfig, XLoraModel
 from xlora.cli import app
 from xlora.convert import convert_checkpoint
@@ -134,10 +134,10 @@ def test_a_failed_rename_always_leaves_the_old_checkpoint_byte_identical(model, 
             raise OSError(28, "No space left on device")
         return real(src, dst)
 
-    monkeypatch.setattr(io.os, "replace", flaky)
+    monkeypatch.setattr(safe_write.os, "replace", flaky)
     with pytest.raises(OSError, match="No space left"):
         model.save_pretrained(target)
-    monkeypatch.setattr(io.os, "replace", real)
+    monkeypatch.setattr(safe_write.os, "replace", real)
     assert tree(target) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no leftovers
 

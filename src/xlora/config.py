@@ -15,6 +15,10 @@ class XLoraConfigError(ValueError):
     """A configuration value or file is invalid; the message names the field and what was expected."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint directory is unusable (or a destination unwritable); the message names the file."""
+
+
 @dataclass
 class XLoraConfig:
     """Options of the X-LoRA classifier ("gate") and of how its scalings are applied.

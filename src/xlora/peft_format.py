@@ -25,8 +25,8 @@ from .io import (
     CheckpointError,
     StoredCheckpoint,
     atomic_directory,
-    check_base_model_id,
     check_destination,
+    check_stored_fields,
     load_classifier_state,
     resolve_expert_dirs,
     stored_expert_path,
@@ -109,11 +109,7 @@ def read_peft(path: Path, adapters: ExpertSpec | None = None) -> StoredCheckpoin
     other = sorted(set(raw) - set(state))
     if other:
         raise CheckpointError(f"{clf_path}: unexpected tensors {', '.join(other[:3])} (expected only the classifier)")
-    check_base_model_id(data.get("base_model_name_or_path"), cfg_path, "base_model_name_or_path")
-    try:
-        config.validate(n_experts=len(names))
-    except XLoraConfigError as e:
-        raise XLoraConfigError(f"{cfg_path}: {e}") from None
+    check_stored_fields(config, len(names), data.get("base_model_name_or_path"), cfg_path, "base_model_name_or_path")
     return StoredCheckpoint(
         config=config,
         names=names,
