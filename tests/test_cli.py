@@ -225,3 +225,12 @@ def test_bad_device_is_one_line(tok_base):
     assert "--device 'cdua': not a device name" in one_error_line(runner.invoke(app, [*args, "cdua"]))
     if not torch.cuda.is_available():
         assert "CUDA is not available on this machine" in one_error_line(runner.invoke(app, [*args, "cuda"]))
+
+
+def test_training_device_and_max_length_are_checked(train_setup, tmp_path):
+    base_dir, experts, data, _ = train_setup
+    common = ["train-expert", "--base", str(base_dir), "--data", str(data), "--steps", "1"]
+    r = runner.invoke(app, [*common, "--out", str(tmp_path / "a"), "--device", "cdua"])
+    assert r.exit_code == 2 and "--device 'cdua'" in r.output
+    r = runner.invoke(app, [*common, "--out", str(tmp_path / "b"), "--max-length", "100000"])
+    assert r.exit_code == 2 and "longer than the base model's context" in r.output

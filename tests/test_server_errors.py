@@ -364,3 +364,9 @@ def test_a_tiny_temperature_samples_one_hot_and_never_fails_the_batch(client):
     tiny_t = post(client, CHAT_PATH, {**CHAT, "temperature": 1e-40, "seed": 1, "max_tokens": 4})
     assert greedy.status_code == tiny_t.status_code == 200, tiny_t.text
     assert tiny_t.json()["choices"][0]["message"]["content"] == greedy.json()["choices"][0]["message"]["content"]
+
+
+def test_stream_options_keys_are_checked(client):
+    error_of(post(client, CHAT_PATH, {**CHAT, "stream_options": {"include_usgae": True}}), 400, "stream_options")
+    ok = post(client, CHAT_PATH, {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    assert ok.status_code == 200

@@ -46,6 +46,9 @@ def _prepare(
     args = TrainingArgs(output_dir=str(out), max_steps=steps, run_dir=str(run_dir) if run_dir else None, **options)
     check_outputs(args, kind)  # before minutes of loading and hours of training
     model, tokenizer = load_base(base, device=_device_for(device), dtype=dtype, quantization=quantize)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and max_length > context:
+        raise ValueError(f"--max-length {max_length}: longer than the base model's context ({context} tokens)")
     train_ds = load_dataset(data, tokenizer, max_length)
     eval_ds = load_dataset(eval, tokenizer, max_length) if eval else None
     return rank_id, model, tokenizer, train_ds, eval_ds, args
@@ -182,7 +185,9 @@ def _device_for(device: str | None) -> str:
     import torch
 
     if device:
-        return device
+        from .cli import pick_device
+
+        return pick_device(device)  # checked: a typo or CUDA on a machine without it is a clear error
     if torch.cuda.is_available():
         return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return "cpu"

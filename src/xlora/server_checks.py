@@ -152,6 +152,10 @@ def check_fields(req: Sampling, chat: bool) -> None:
     unsupported = _CHAT_UNSUPPORTED if chat else _COMPLETION_UNSUPPORTED
     harmless = _CHAT_HARMLESS if chat else _COMPLETION_HARMLESS
     for name, value in (req.model_extra or {}).items():
+        if name == "stream_options" and value is not None:
+            # OpenAI's keys; the last chunk always carries usage, so include_usage changes nothing
+            if not isinstance(value, dict) or set(value) - {"include_usage", "include_obfuscation"}:
+                raise BadRequest("stream_options: expected an object with include_usage", "stream_options")
         if name in unsupported:
             if not unsupported[name](value):
                 hint = " (only n=1 is supported)" if name == "n" else ""
