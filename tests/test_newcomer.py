@@ -46,3 +46,13 @@ def test_checkpoint_shipped_names_the_packaged_checkpoint():
 def test_verbose_flag_and_clean_help():
     r = CliRunner().invoke(app, ["--help"])
     assert r.exit_code == 0 and "--verbose" in r.output and "<bool>" not in r.output
+
+
+def test_a_tiny_sampling_temperature_is_greedy_not_nan(tiny):
+    """transformers' warper divides raw logits (inf at T=1e-40); ours shifts the row maximum to 0 first."""
+    base_dir, experts = tiny
+    model = XLoraModel.from_experts(load_base(base_dir), experts, XLoraConfig())
+    ids = torch.tensor([[5, 9, 13, 17]])
+    greedy = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+    tiny_t = model.generate(ids, max_new_tokens=6, eos_token_id=[], do_sample=True, temperature=1e-40, seed=0)
+    assert torch.equal(tiny_t, greedy)
