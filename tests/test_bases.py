@@ -74,7 +74,8 @@ def test_classifier_in_compute_dtype_on_request(tiny):
 
 
 def test_routing_on_quantized_bases_stays_close_to_fp32(tiny):
-    """A gate (random, sharpened) routes nearly the same on an 8-bit base; logits stay finite on 4-bit."""
+    """The same (random) gate routes nearly the same on an 8-bit base, and its scaling pass really runs
+    on that base (the scalings move, a little); logits stay finite on 4-bit."""
     base_dir, experts = tiny
     cfg = XLoraConfig(xlora_depth=2, xlora_size=16, layerwise_scalings=True)
     ref = XLoraModel.from_experts(load_base(base_dir)[0], experts, cfg)
@@ -91,7 +92,7 @@ def test_routing_on_quantized_bases_stays_close_to_fp32(tiny):
         out = logits(model)
         assert torch.isfinite(out).all()
         if bound is not None:
-            assert (model.get_latest_scalings() - s_ref).abs().mean() < bound
+            assert 0 < (model.get_latest_scalings() - s_ref).abs().mean() < bound
 
 
 def test_checkpoint_saved_on_one_precision_loads_on_every_other(tiny, tmp_path):
