@@ -46,6 +46,12 @@ QuantizeOption = Annotated[
     typer.Option("--quantize", help="Load the base quantized with bitsandbytes: int8, nf4 or fp4 (xlora[quant])."),
 ]
 
+SCALING_PASS_LAYERS = typer.Option(
+    "--scaling-pass-layers",
+    help="Early gate: the scaling pass runs only the first K decoder layers (about (1 + K/L) x the base per "
+    "token instead of 2x); default: all layers (the paper's and PEFT's X-LoRA).",
+)
+
 
 def checkpoint_path(path: Path) -> Path:
     """`shipped` names the science checkpoint installed with the package (unless a folder has that name)."""

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import DtypeOption, QuantizeOption, _fail, app, checkpoint_path, out
+from .cli import SCALING_PASS_LAYERS, DtypeOption, QuantizeOption, _fail, app, checkpoint_path, out
 from .science import SHIPPED, shipped_checkpoint
 
 
@@ -27,6 +27,7 @@ def reproduce(
     gate_softmax: Annotated[bool, typer.Option(help="Softmax over experts (else unconstrained).")] = False,
     gate_layerwise: Annotated[bool, typer.Option(help="One scaling per adapted module (else one per expert).")] = True,
     gate_fresh: Annotated[int, typer.Option(help="Extra gate examples per task the experts never saw.")] = 320,
+    scaling_pass_layers: Annotated[int | None, SCALING_PASS_LAYERS] = None,
 ) -> None:
     """Train one expert per task, the gate, evaluate everything, write results.md and figures."""
     from .science.evaluate import results_table
@@ -48,6 +49,7 @@ def reproduce(
         gate_softmax=gate_softmax,
         gate_layerwise=gate_layerwise,
         gate_fresh=gate_fresh,
+        gate_scaling_pass_layers=scaling_pass_layers,
     )
     try:
         results = run(cfg)

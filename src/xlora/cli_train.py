@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from .cli import DtypeOption, QuantizeOption, _fail, app, parse_experts
+from .cli import SCALING_PASS_LAYERS, DtypeOption, QuantizeOption, _fail, app, parse_experts
 
 if TYPE_CHECKING:
     pass
@@ -124,6 +124,7 @@ def train_gate_cmd(
     temperature: float = 1.0,
     top_k: int | None = None,
     softmax_topk: bool = False,
+    scaling_pass_layers: Annotated[int | None, SCALING_PASS_LAYERS] = None,
     entropy_weight: Annotated[float, typer.Option(help="+w * scalings entropy: >0 sharper, <0 smoother.")] = 0.0,
     balance_weight: Annotated[float, typer.Option(help="+w * variance of mean expert use.")] = 0.0,
     epochs: float = 1.0,
@@ -167,6 +168,7 @@ def train_gate_cmd(
             softmax_temperature=temperature,
             top_k_lora=top_k,
             enable_softmax_topk=softmax_topk,
+            scaling_pass_layers=scaling_pass_layers,
         )
         torch.manual_seed(seed)  # classifier init
         model = XLoraModel.from_experts(model_base, parse_experts(experts), config, base_model_id=base)

@@ -42,6 +42,11 @@ class XLoraConfig:
     global_scaling_weight: float = 1.0
     use_trainable_adapters: bool = False
     reuse_scalings_after: int | None = None  # generation: reuse scalings after this many new tokens
+    # Early gate (not in PEFT / the original package): the scaling pass runs only the first k decoder
+    # layers and the classifier reads layer k (through the final norm unless scaling_pass_norm=False).
+    # None = all layers, the paper's and PEFT's numerics. Written to files only when set.
+    scaling_pass_layers: int | None = None
+    scaling_pass_norm: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,9 +98,20 @@ class XLoraConfig:
             is_int(self.reuse_scalings_after) and self.reuse_scalings_after >= 1
         ):
             fail("reuse_scalings_after", "an integer >= 1 or None")
+        if self.scaling_pass_layers is not None and not (
+            is_int(self.scaling_pass_layers) and self.scaling_pass_layers >= 1
+        ):
+            fail("scaling_pass_layers", "an integer >= 1 (the first k decoder layers) or None (all layers)")
+        if not isinstance(self.scaling_pass_norm, bool):
+            fail("scaling_pass_norm", "true or false")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """All fields; the early-gate fields only when an early gate is set, so files of full-pass
+        gates stay readable by PEFT and the original package (which do not know these fields)."""
+        data = dataclasses.asdict(self)
+        if self.scaling_pass_layers is None:
+            del data["scaling_pass_layers"], data["scaling_pass_norm"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config", ignore: tuple[str, ...] = ()) -> XLoraConfig:

@@ -16,6 +16,7 @@ from torch import nn
 from .checks import check_number
 from .classifier import XLoraClassifier, select_topk
 from .config import XLoraConfig, XLoraConfigError
+from .early_gate import n_decoder_layers, truncated_decoder
 from .experts import ExpertSpec, LoraExpert, load_experts, stack_module
 from .layers import ScalingsState, XLoraLinear, compute_dtype
 from .scalings_log import ScalingsLog
@@ -61,6 +62,7 @@ class XLoraModel(nn.Module):
                 f"{base.config.hidden_size}, got {config.hidden_size}"
             )
         config.validate(n_experts=len(experts))
+        check_scaling_pass_layers(config, base)
         self.config = config
         self.base = base
         self.base_model_id = base_model_id or getattr(base.config, "_name_or_path", None) or None
@@ -230,9 +232,11 @@ class XLoraModel(nn.Module):
         return scalings
 
     def scaling_pass(self, cache: Any = None, **inputs: Any) -> torch.Tensor:
-        """Run the decoder with constant scalings, without gradient; return the last hidden state."""
-        with torch.no_grad(), self._coefficients(self._scaling_pass_coef()):
-            decoder = self.base.base_model
+        """Run the decoder (its first `scaling_pass_layers` blocks) with constant scalings, without
+        gradient; return the last hidden state."""
+        decoder = self.base.base_model
+        k, norm = self.config.scaling_pass_layers, self.config.scaling_pass_norm
+        with torch.no_grad(), self._coefficients(self._scaling_pass_coef()), truncated_decoder(decoder, k, norm):
             out = decoder(**inputs, **cache_kwargs(decoder, cache))
         return out.last_hidden_state  # [B, T, H]
 
@@ -408,6 +412,18 @@ class XLoraModel(nn.Module):
             raise ValueError("mask_experts: cannot mask every expert (use disable_experts() instead)")
         self._expert_mask = keep
         return _MaskHandle(self, previous)
+
+
+def check_scaling_pass_layers(config: XLoraConfig, base: nn.Module) -> None:
+    """`scaling_pass_layers` must name 1..L decoder layers of this base."""
+    k = config.scaling_pass_layers
+    if k is None:
+        return
+    n = n_decoder_layers(base.base_model)
+    if k > n:
+        raise XLoraConfigError(
+            f"XLoraConfig.scaling_pass_layers: expected 1..{n} (the base model's decoder layers), got {k}"
+        )
 
 
 class _MaskHandle:

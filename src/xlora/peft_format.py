@@ -124,6 +124,11 @@ def read_peft(path: Path, adapters: ExpertSpec | None = None) -> StoredCheckpoin
 def peft_config_dict(contents: CheckpointContents, final: Path) -> dict:
     """adapter_config.json for PEFT; refuses options PEFT's X-LoRA cannot express."""
     cfg = contents.config
+    if cfg.scaling_pass_layers is not None:
+        raise CheckpointError(
+            f"scaling_pass_layers={cfg.scaling_pass_layers} (an early gate) cannot be written in PEFT format: "
+            "PEFT's scaling pass always runs every layer; save in the native format instead"
+        )
     for field, value in PEFT_FIXED.items():
         if getattr(cfg, field) != value:
             raise CheckpointError(

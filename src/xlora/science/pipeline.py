@@ -49,6 +49,7 @@ class ReproduceConfig:
     gate_layerwise: bool = True
     gate_fresh: int = 320  # per task: extra gate-training examples the experts never saw
     max_length: int = 128
+    gate_scaling_pass_layers: int | None = None  # early gate: the scaling pass runs the first k layers
 
 
 # ---------------------------------------------------------------------- data
@@ -203,6 +204,7 @@ def gate_config(cfg: ReproduceConfig):
         layerwise_scalings=cfg.gate_layerwise,
         enable_softmax=cfg.gate_softmax,
         xlora_dropout_p=0.0,
+        scaling_pass_layers=cfg.gate_scaling_pass_layers,
     )
 
 
@@ -226,7 +228,7 @@ def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
     existing = cfg.out / "xlora_config.json"
     if existing.is_file():  # done before: reuse it, unless it was made with other gate settings
         have, want = json.loads(existing.read_text()), asdict(gate_config(cfg))
-        keys = ("xlora_depth", "xlora_size", "layerwise_scalings", "enable_softmax")
+        keys = ("xlora_depth", "xlora_size", "layerwise_scalings", "enable_softmax", "scaling_pass_layers")
         differ = [k for k in keys if have.get(k) != want[k]]
         if differ:
             raise ValueError(
@@ -237,6 +239,8 @@ def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
     t0 = time.time()
     # the run directory (resumable checkpoints) is named by the settings, so changing them starts afresh
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "work")}
+    if cfg.gate_scaling_pass_layers is None:  # added later: runs of full-pass gates keep their folder
+        del settings["gate_scaling_pass_layers"]
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     train_gate_stage(cfg, experts, cfg.out, f"gate-{cfg.out.name}-{tag}", cfg.work / "data" / "gate-train.jsonl")
     record_time(cfg, "gate", time.time() - t0)
