@@ -8,6 +8,7 @@ sequence keeps its last scalings.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from transformers.generation.logits_process import (
 )
 
 from .checks import check_number
+from .merge import merged_experts, row_scalings_if_shared
 from .model import cache_kwargs
 
 if TYPE_CHECKING:
@@ -219,12 +221,17 @@ def iter_generate(
     reuse_scalings_after: int | None = None,
     sampler: Sampler | None = None,
     stop_rows: torch.Tensor | None = None,
+    merge: bool = True,
 ) -> Iterator[GenerationStep]:
     """Yield one GenerationStep per new token until every sequence ended or max_new_tokens.
 
     Finished rows leave the batch (both KV caches shrink), so the cost follows the live rows.
     `stop_rows` `[B]` bool may be set True by the caller between steps (a stop string was seen, a
     client went away): that row counts as finished from the next step on.
+    `merge`: once the scalings are fixed (static scalings, or reused after `reuse_scalings_after`)
+    and every live row shares them, the experts are folded into the base weights (merge.py) and a
+    step costs what the base model's does. The original weights come back when the generator ends
+    or is closed; until then the model refuses other calls (close a generator you stop early).
     """
     opts = with_model_defaults(model, options or SamplingOptions())
     opts.validate()
@@ -245,8 +252,9 @@ def iter_generate(
     cache_scaling = DynamicCache(config=model.base.config) if use_cache else None
     cache_real = DynamicCache(config=model.base.config) if use_cache else None
     step_ids, last_scalings = ids, None
+    merged = contextlib.ExitStack()  # holds the merged weights, if any, until the generator ends
 
-    with torch.no_grad():
+    with torch.no_grad(), merged:
         for step in range(opts.max_new_tokens):
             inputs = {"input_ids": step_ids, "attention_mask": mask}
             pos = _positions(mask)[:, -step_ids.shape[1] :]
@@ -262,7 +270,13 @@ def iter_generate(
                     cache_scaling = None  # never needed again
                 else:
                     scalings_seq = model.route(cache=cache_scaling, **inputs, position_ids=pos)  # [b, T, L, N]
-                with model.apply_scalings(scalings_seq):
+                fixed = model._static is not None or cache_scaling is None
+                if merge and fixed and not model._merged:
+                    shared = row_scalings_if_shared(scalings_seq[:, -1])  # [L, N] or None
+                    if shared is not None:
+                        merged.enter_context(merged_experts(model, shared))
+                real = contextlib.nullcontext() if model._merged else model.apply_scalings(scalings_seq)
+                with real:
                     out = model.base(
                         **inputs, position_ids=pos, **cache_kwargs(model.base, cache_real), logits_to_keep=1
                     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,13 +28,14 @@ class ScalingsState:
 
     `coef` is None when the expert math must be skipped (scaling pass with value 0, disabled
     experts); otherwise it holds one tensor per adapted layer with, for every stacked rank row,
-    the product scaling * alpha/r * global weight: `[B, T, R_l]` or a broadcastable `[R_l]`.
+    the product scaling * alpha/r * global weight: `[B, T, R_l]` or a broadcastable `[R_l]`;
+    None for a layer whose experts are merged into its base weight.
     (Separate tensors from one `split`, not slices of one: the backward of 56 slices would
     allocate 56 zero-filled copies of the whole coefficient tensor.)
     """
 
     def __init__(self) -> None:
-        self.coef: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None
+        self.coef: Sequence[torch.Tensor | None] | None = None
 
 
 class XLoraLinear(nn.Module):
@@ -65,6 +68,8 @@ class XLoraLinear(nn.Module):
         if coef is None:  # scalings known to be zero: plain base layer
             return y
         c = coef[self.index]
+        if c is None:  # this layer's experts are merged into its base weight (merge.py)
+            return y
         if c.device != x.device:  # model sharded over devices (device_map="auto")
             c = c.to(x.device)
         if c.dim() == 3 and x.dim() == 3 and c.shape[1] != x.shape[1]:

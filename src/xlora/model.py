@@ -74,6 +74,7 @@ class XLoraModel(nn.Module):
         self._experts_disabled = False
         self._expert_mask: torch.Tensor | None = None  # [N] bool, False = masked out
         self._static: torch.Tensor | None = None  # [L, N] fixed scalings instead of the classifier
+        self._merged = False  # experts folded into the base weights by a running generation (merge.py)
 
         ref = base.get_input_embeddings().weight
         layers: list[XLoraLinear] = []
@@ -215,8 +216,16 @@ class XLoraModel(nn.Module):
         coef = self._coef(select_topk(s.to(self.row_scale.dtype), self.config))
         return None if coef is None else tuple(c[0, 0] for c in coef)  # each [R_l], broadcast over B, T
 
+    def _check_not_merged(self) -> None:
+        if self._merged:
+            raise RuntimeError(
+                "XLoraModel: a generation in progress holds the experts merged into the base weights; "
+                "finish or close() its iter_generate generator before using the model otherwise"
+            )
+
     @contextmanager
-    def _coefficients(self, coef: tuple[torch.Tensor, ...] | None) -> Iterator[None]:
+    def _coefficients(self, coef: Sequence[torch.Tensor | None] | None) -> Iterator[None]:
+        self._check_not_merged()
         self.state.coef = coef
         try:
             yield
@@ -290,6 +299,7 @@ class XLoraModel(nn.Module):
             "position_ids": position_ids,
             "inputs_embeds": inputs_embeds,
         }
+        self._check_not_merged()
         if self._experts_disabled:
             return self.base(**inputs, labels=labels, **kwargs)
         scalings = self.route(**inputs)

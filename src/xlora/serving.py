@@ -245,6 +245,7 @@ class Engine:
         done = [False] * len(batch)
         opts = SamplingOptions(max_new_tokens=int(limits.max()), eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         saved, handle = self._apply_mixture(batch[0].mixture)
+        steps = None
         try:
             steps = iter_generate(
                 self.model,
@@ -299,6 +300,8 @@ class Engine:
             out = [(r, ("end", "length")) for i, r in enumerate(batch) if not done[i]]  # batch max reached
             self._send(out)
         finally:
+            if steps is not None:
+                steps.close()  # puts merged weights back before the next batch (merge.py)
             self._restore_mixture(saved, handle)
 
 

@@ -1,0 +1,78 @@
+"""Merged decoding: while every live row uses the same fixed scalings, fold the experts into the base
+weights so a token costs what the base model costs; put the original weights back exactly afterwards.
+
+Used by generation once the scalings stop changing (`reuse_scalings_after`, `static_scalings`) and
+the batch shares them (batch 1, or a static mix). Never on quantized or tied weights, never with
+gradients: those layers keep the fused path (`XLoraLinear` reads a None coefficient as "merged").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .classifier import select_topk
+
+if TYPE_CHECKING:
+    from .model import XLoraModel
+
+
+def mergeable(layer: nn.Module, shared: set[int]) -> bool:
+    """A plain float `nn.Linear` whose weight no other module uses (a tied lm_head would change the
+    embedding too) and that does not train."""
+    base = getattr(layer, "base_layer", None)
+    if type(base) is not nn.Linear:  # bitsandbytes and other quantized layers subclass or replace it
+        return False
+    w = base.weight
+    return w.is_floating_point() and not w.requires_grad and w.data_ptr() not in shared
+
+
+def _shared_storage(model: XLoraModel) -> set[int]:
+    """Data pointer of the input embedding, which many models tie to an (adapted) lm_head."""
+    w = getattr(model.base.get_input_embeddings(), "weight", None)
+    return set() if w is None else {w.data_ptr()}
+
+
+def row_scalings_if_shared(scalings: torch.Tensor) -> torch.Tensor | None:
+    """`[b, L, N]` -> the one `[L, N]` every row uses, or None when rows differ."""
+    first = scalings[0]
+    return first if bool((scalings == first).all()) else None
+
+
+@contextmanager
+def merged_experts(model: XLoraModel, scalings: torch.Tensor) -> Iterator[None]:
+    """Inside, the base weights include `sum_i s_i (alpha_i/r_i) B_i A_i` for the fixed `scalings`
+    `[L, N]` (top-k applied here) and the model's coefficients are set so that merged layers add
+    nothing and the others (quantized, tied) still add their experts. On exit every weight tensor is
+    the original object again (exact, no subtraction)."""
+    coef = model._coef(select_topk(scalings[None, None].to(model.row_scale.dtype), model.config))
+    shared = _shared_storage(model)
+    saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+    per_layer: list[torch.Tensor | None] | None = None  # None: global weight 0, the plain base model
+    try:
+        if coef is not None:
+            per_layer = []
+            with torch.no_grad():
+                for layer, c in zip(model.xlora_layers, coef):
+                    c = c.reshape(-1)  # [R_l]
+                    if not mergeable(layer, shared):
+                        per_layer.append(c)  # this layer keeps the fused path
+                        continue
+                    w = layer.base_layer.weight
+                    delta = (layer.lora_B * c.to(layer.lora_B.dtype)) @ layer.lora_A  # [out, R] x [R, in]
+                    saved.append((w, w.data))
+                    w.data = (w.data + delta.to(w.device, w.dtype)).contiguous()
+                    per_layer.append(None)
+        with model._coefficients(per_layer):
+            model._merged = True
+            try:
+                yield
+            finally:
+                model._merged = False
+    finally:
+        for w, original in saved:
+            w.data = original
