@@ -1,0 +1,175 @@
+"""Decode speed and held-out loss of every X-LoRA mode on a real model (the embedded SmolLM2-135M).
+
+    python benchmarks/real_model.py [--checkpoint shipped] [--early-gate DIR] [--data DIR] [--runs 3]
+
+128 greedy tokens (no early stop) after one chat prompt, batch 1, tokens/s as 128 / median wall time
+(prefill included) of `--runs` runs, per dtype (fp32, bf16): our plain base (experts disabled, same
+loop), transformers' `generate` on the plain base, and X-LoRA: full gate, early gate (the scaling
+pass over the first k layers; `--early-gate` a gate trained that way, else the shipped gate run with
+k as a cost-only row), reuse-after-4 fused, and reuse-after-4 with merged decoding. With `--data`
+(a folder with `<task>-eval-chat.jsonl`) each mode gets its token-weighted held-out loss per domain;
+reuse modes are scored by teacher forcing with the scalings frozen as generation freezes them. If
+`mistralrs` is installed, its plain base runs the same prompt (fp32 and in-situ Q8_0) for the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+PROMPT = "Peptide GLFDIVKKVVGALGSL. Is it antimicrobial, and what is its net charge at pH 7?"
+NEW = 128
+REUSE = 4
+
+
+def timed(fn, runs: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def ours(model, ids, reuse=None, merge=True, disabled=False):
+    from xlora.generation import SamplingOptions, iter_generate
+
+    opts = SamplingOptions(max_new_tokens=NEW, eos_token_id=[])
+    with model.disable_experts() if disabled else ExitStack():
+        steps = iter_generate(model, ids, None, opts, reuse_scalings_after=reuse, merge=merge)
+        return torch.stack([s.tokens for s in steps])
+
+
+@torch.no_grad()
+def held_out_loss(model, tok, data: Path, reuse: int | None = None) -> dict[str, float]:
+    """Token-weighted answer loss per task; `reuse`: positions from prompt + reuse on keep the scalings
+    of position prompt + reuse - 1 (what generation with `reuse_scalings_after` uses)."""
+    from xlora.data import collate, load_dataset
+    from xlora.science.tasks import TASKS
+    from xlora.training import token_ce_sum
+
+    out = {}
+    for task in TASKS:
+        ds = load_dataset(data / f"{task}-eval-chat.jsonl", tok, 128)
+        total, count = 0.0, 0
+        for i in range(len(ds)):
+            batch = collate([ds[i]], tok.pad_token_id or 0)
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            if reuse is None:
+                logits = model(**inputs).logits
+            else:
+                scalings = model.route(**inputs).clone()  # [1, T, L, N]
+                start = int((batch["labels"][0] != -100).nonzero()[0])  # first answer token = prompt length
+                keep = start + reuse - 1
+                if keep < scalings.shape[1]:
+                    scalings[:, keep:] = scalings[:, keep : keep + 1]
+                with model.apply_scalings(scalings):
+                    logits = model.base(**inputs).logits
+            ce, n = token_ce_sum(logits, batch["labels"])
+            total, count = total + float(ce), count + n
+        out[task] = total / max(count, 1)
+    return out
+
+
+def mistralrs_rates(base_dir: Path, prompt: str) -> dict[str, float]:
+    """tokens/s of mistral.rs's plain base, fp32 and in-situ Q8_0, or {} when it is not installed."""
+    try:
+        import mistralrs
+    except ImportError:
+        return {}
+    rates = {}
+    for name, quant in (("fp32", None), ("Q8_0", "Q8_0")):
+        kw = {"in_situ_quant": quant} if quant else {}
+        runner = mistralrs.Runner(which=mistralrs.Which.Plain(model_id=str(base_dir)), **kw)
+        req = mistralrs.ChatCompletionRequest(
+            model="default",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=NEW,
+            temperature=0.0,
+        )
+        runner.send_chat_completion_request(req)  # warm-up
+        t0 = time.perf_counter()
+        res = runner.send_chat_completion_request(req)
+        rates[name] = res.usage.completion_tokens / (time.perf_counter() - t0)
+        del runner
+    return rates
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="shipped")
+    p.add_argument("--early-gate", type=Path, help="A gate trained with --scaling-pass-layers.")
+    p.add_argument("--k", type=int, default=15, help="Layers of the cost-only early gate (no --early-gate).")
+    p.add_argument("--data", type=Path, help="Folder with <task>-eval-chat.jsonl for held-out losses.")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mistralrs-base", type=Path, help="A plain HF folder of the base mistral.rs can read.")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+
+    from xlora import XLoraModel
+    from xlora.base_models import load_base
+    from xlora.cli import checkpoint_path
+
+    rows = []
+    for dtype in a.dtypes:
+        base, tok = load_base("default", dtype=dtype)
+        chat = [{"role": "user", "content": PROMPT}]
+        text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        model = XLoraModel.from_pretrained(base, checkpoint_path(Path(a.checkpoint)))
+        plain = model.unload()
+
+        def hf_generate(m=plain, ids=ids):
+            return m.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+
+        rows.append((dtype, "transformers generate, plain base", NEW / timed(hf_generate, a.runs), None))
+        model = XLoraModel.from_pretrained(plain, checkpoint_path(Path(a.checkpoint)))
+        rate = NEW / timed(lambda m=model, i=ids: ours(m, i, disabled=True), a.runs)
+        rows.append((dtype, "our loop, plain base", rate, None))
+        modes = [
+            ("X-LoRA full gate", {}, None),
+            (f"X-LoRA reuse after {REUSE}, fused", {"reuse": REUSE, "merge": False}, REUSE),
+            (f"X-LoRA reuse after {REUSE} + merged", {"reuse": REUSE}, REUSE),
+        ]
+        for name, kw, reuse in modes:
+            rate = NEW / timed(lambda kw=kw, m=model, i=ids: ours(m, i, **kw), a.runs)
+            loss = held_out_loss(model, tok, a.data, reuse) if a.data else None
+            rows.append((dtype, name, rate, loss))
+        plain = model.unload()
+        if a.early_gate:
+            early = XLoraModel.from_pretrained(plain, a.early_gate)
+            name = f"X-LoRA early gate k={early.config.scaling_pass_layers}"
+            loss = held_out_loss(early, tok, a.data) if a.data else None
+        else:
+            early = XLoraModel.from_pretrained(plain, checkpoint_path(Path(a.checkpoint)))
+            early.config.scaling_pass_layers = a.k
+            name, loss = f"X-LoRA early gate k={a.k} (shipped gate: cost only)", None
+        rows.append((dtype, name, NEW / timed(lambda m=early, i=ids: ours(m, i), a.runs), loss))
+        early.unload()
+
+    rates = mistralrs_rates(a.mistralrs_base, PROMPT) if a.mistralrs_base else {}
+    print(f"SmolLM2-135M-Instruct, {a.threads} threads, batch 1, {NEW} greedy tokens, median of {a.runs} runs\n")
+    tasks = list(rows[-1][3] or rows[2][3] or {})
+    ratio_head = " | / mistral.rs fp32 |" if rates else ""
+    print("| dtype | mode | tokens/s | " + " | ".join(f"{t} loss" for t in tasks) + ratio_head)
+    print("|---|---|---:|" + "---:|" * len(tasks) + ("---:|" if rates else ""))
+    for dtype, name, rate, loss in rows:
+        cells = [f"{loss[t]:.3f}" if loss else "-" for t in tasks]
+        ratio = [f"{rate / rates['fp32']:.2f}"] if rates else []
+        print(f"| {dtype} | {name} | {rate:.1f} | " + " | ".join([*cells, *ratio]) + " |")
+    for name, rate in rates.items():
+        print(f"| mistral.rs 0.9.5 plain base | {name} | {rate:.1f} |")
+    print("\ngoal: X-LoRA with per-token routing >= 17 tokens/s (mistral.rs plain fp32 here), within 2x of its Q8_0")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
