@@ -18,6 +18,7 @@ from .classifier import XLoraClassifier, select_topk
 from .config import XLoraConfig, XLoraConfigError
 from .experts import ExpertSpec, LoraExpert, load_experts, stack_module
 from .layers import ScalingsState, XLoraLinear, compute_dtype
+from .multimodal import shared_inputs, text_config
 from .scalings_log import ScalingsLog
 
 
@@ -53,12 +54,13 @@ class XLoraModel(nn.Module):
         stays exact on bf16 or quantized bases); None runs it in the base's compute dtype."""
         super().__init__()
         config = copy.deepcopy(config)
+        hidden_size = int(text_config(base).hidden_size)  # a VLM's is its language model's
         if config.hidden_size is None:
-            config.hidden_size = int(base.config.hidden_size)
-        elif config.hidden_size != base.config.hidden_size:
+            config.hidden_size = hidden_size
+        elif config.hidden_size != hidden_size:
             raise XLoraConfigError(
-                f"XLoraConfig.hidden_size: expected the base model's hidden size "
-                f"{base.config.hidden_size}, got {config.hidden_size}"
+                f"XLoraConfig.hidden_size: expected the base model's hidden size {hidden_size}, "
+                f"got {config.hidden_size}"
             )
         config.validate(n_experts=len(experts))
         self.config = config
@@ -279,16 +281,22 @@ class XLoraModel(nn.Module):
         labels: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Scaling pass, classifier, real pass. Returns the base model's output (logits, loss with labels)."""
+        """Scaling pass, classifier, real pass. Returns the base model's output (logits, loss with labels).
+
+        On a vision-language base the image inputs (`pixel_values`, `image_grid_thw`,
+        `pixel_attention_mask`, ...: every `pixel_*`/`image_*`/`video_*`/`mm_*` keyword) go to both
+        passes, so the classifier reads the merged text+image sequence (`xlora.multimodal`)."""
         inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "position_ids": position_ids,
             "inputs_embeds": inputs_embeds,
         }
+        shared = shared_inputs(self.base, input_ids, kwargs)  # image inputs: both passes
+        kwargs.update(shared)
         if self._experts_disabled:
             return self.base(**inputs, labels=labels, **kwargs)
-        scalings = self.route(**inputs)
+        scalings = self.route(**inputs, **shared)
         kwargs.setdefault("use_cache", False)
         with self.apply_scalings(scalings):
             return self.base(**inputs, labels=labels, **kwargs)
