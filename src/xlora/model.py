@@ -118,7 +118,10 @@ class XLoraModel(nn.Module):
     ) -> XLoraModel:
         """Wrap `base` with the PEFT LoRA adapters in `experts` ({name: dir} or [(name, dir)]) and a new gate.
 
-        `base` may be fp32, bf16/fp16 or quantized (bitsandbytes 8-bit / 4-bit layers stay as they are)."""
+        `base` may be fp32, bf16/fp16 or quantized (bitsandbytes 8-bit / 4-bit layers stay as they are),
+        or a vision-language model (Qwen2-VL, Idefics3): then only its language model's linears (and
+        the LM head) are adapted, and an expert with vision-tower / projector tensors is refused
+        (`xlora.multimodal`)."""
         loaded, modules = load_experts(base, experts)
         return cls(
             base,
