@@ -20,8 +20,9 @@ def python_blocks() -> list[str]:
 
 def test_the_readme_has_the_blocks_this_test_knows():
     blocks = python_blocks()
-    assert len(blocks) == 3, "a Python block was added or removed: run it here too"
+    assert len(blocks) == 4, "a Python block was added or removed: run it here too"
     assert "from_experts" in blocks[0] and "openai.OpenAI" in blocks[1] and "quantization=" in blocks[2]
+    assert "Qwen2VLForConditionalGeneration" in blocks[3]
 
 
 def test_api_block_runs(tmp_path, monkeypatch, capsys):
@@ -44,6 +45,17 @@ def test_quantized_base_block_runs(capsys):
     exec(compile(python_blocks()[2], "README.md[python 3]", "exec"), namespace)
     layer = namespace["model"].xlora_layers[0]
     assert type(layer.base_layer).__name__ == "Linear4bit"  # the base stayed 4-bit under the mixture
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_vision_language_block_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # it writes tiny-vlm/, charts/ and photos/ into the working directory
+    namespace: dict = {}
+    exec(compile(python_blocks()[3], "README.md[python 4]", "exec"), namespace)
+    model, ids = namespace["model"], namespace["ids"]
+    assert namespace["logits"].shape[:2] == ids.shape
+    assert model.n_layers == 4 and all(".language_model." in name for name in model.module_names)
+    assert namespace["out"].shape[1] > ids.shape[1]
     assert capsys.readouterr().out.strip() != ""
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import XLoraConfigError, read_json_object
+from .multimodal import modules_outside_language_model, outside_error_message
 
 ExpertSpec = Mapping[str, "str | Path"] | Iterable[tuple[str, "str | Path"]]
 
@@ -358,6 +359,9 @@ def check_experts(base: nn.Module, experts: list[LoraExpert]) -> list[str]:
             targeted.add(module)
         for module, copy in expert.base_copies.items():
             _check_base_copy(expert, module, copy, modules.get(module))
+        outside = modules_outside_language_model(base, list(expert.weights))  # VLM: vision tower, projector
+        if outside:
+            raise ExpertError(outside_error_message(base, expert.name, outside))
     return [name for name, _ in base.named_modules() if name in targeted]
 
 

@@ -24,6 +24,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from . import multimodal
 from .checks import check_number
 from .merge import merged_experts, row_scalings_if_shared
 from .model import cache_kwargs
@@ -107,14 +108,17 @@ class GenerationStep:
     scalings: torch.Tensor | None  # [B, L, N] scalings that produced this token (None: experts off)
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids from an attention mask, as `generate` derives them (padding clamped to 0)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+_positions = multimodal.text_positions  # position ids from an attention mask (padding clamped to 0)
 
 
-def _uncached_logits(model: XLoraModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Recompute everything over the whole sequence (what PEFT does); returns last logits `[B, V]`."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask))
+def _uncached_logits(
+    model: XLoraModel, ids: torch.Tensor, mask: torch.Tensor, images: dict[str, Any] | None = None
+) -> torch.Tensor:
+    """Recompute everything over the whole sequence (what PEFT does); returns last logits `[B, V]`.
+    `images`: the prompt's image inputs (`multimodal.shared_inputs`), fed again every step."""
+    images = multimodal.for_longer_sequence(images or {}, ids.shape[1])
+    positions, _ = multimodal.prompt_positions(model.base, ids, mask, images)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **images)
     return out.logits[:, -1, :]
 
 
@@ -140,7 +144,7 @@ def default_sampler(opts: SamplingOptions, device: torch.device) -> Sampler:
 
 def context_length(model: XLoraModel) -> int | None:
     """The base model's context (`max_position_embeddings`), or None when it does not say."""
-    n = getattr(model.base.config, "max_position_embeddings", None)
+    n = getattr(multimodal.text_config(model.base), "max_position_embeddings", None)
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
@@ -222,8 +226,12 @@ def iter_generate(
     sampler: Sampler | None = None,
     stop_rows: torch.Tensor | None = None,
     merge: bool = True,
+    images: dict[str, Any] | None = None,
 ) -> Iterator[GenerationStep]:
     """Yield one GenerationStep per new token until every sequence ended or max_new_tokens.
+
+    `images`: a vision-language base's image inputs (`pixel_values`, `image_grid_thw`, ...); they
+    go into the prefill of both passes, and positions follow the model (`xlora.multimodal`).
 
     Finished rows leave the batch (both KV caches shrink), so the cost follows the live rows.
     `stop_rows` `[B]` bool may be set True by the caller between steps (a stop string was seen, a
@@ -253,13 +261,20 @@ def iter_generate(
     cache_real = DynamicCache(config=model.base.config) if use_cache else None
     step_ids, last_scalings = ids, None
     merged = contextlib.ExitStack()  # holds the merged weights, if any, until the generator ends
+    images = multimodal.shared_inputs(model.base, ids, images or {})
+    images = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in images.items()}
+    prompt_pos, rope_delta = multimodal.prompt_positions(model.base, ids, mask, images)  # [B, T] or [3, B, T]
 
     with torch.no_grad(), merged:
         for step in range(opts.max_new_tokens):
             inputs = {"input_ids": step_ids, "attention_mask": mask}
-            pos = _positions(mask)[:, -step_ids.shape[1] :]
+            if step == 0:  # prefill: the images enter both passes (and both caches) here only
+                inputs.update(images)
+                pos = prompt_pos
+            else:
+                pos = multimodal.step_positions(mask, step_ids.shape[1], rope_delta)
             if not use_cache:
-                logits = _uncached_logits(model, ids, mask)
+                logits = _uncached_logits(model, ids, mask, images)
                 scalings = None if disabled else model.get_latest_scalings()[:, -1]
             elif disabled:
                 out = model.base(**inputs, position_ids=pos, **cache_kwargs(model.base, cache_real))
@@ -300,8 +315,12 @@ def iter_generate(
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             step_ids = token[:, None]
             keep = (~finished[rows]).nonzero().squeeze(1)  # live rows, in batch positions
+            if use_cache:
+                images = {}  # in both caches now
             if keep.numel() < rows.numel():
+                images = multimodal.select_rows(images, keep, rows.numel())
                 rows, ids, mask, step_ids = rows[keep], ids[keep], mask[keep], step_ids[keep]
+                rope_delta = rope_delta[keep] if rope_delta is not None else None
                 last_scalings = last_scalings[keep] if last_scalings is not None else None
                 _select_rows(cache_scaling, keep)
                 _select_rows(cache_real, keep)
@@ -324,6 +343,7 @@ def generate(
     reuse_scalings_after: int | None = None,
     streamer: Any = None,
     callback: Callable[[GenerationStep], None] | None = None,
+    **images: Any,
 ) -> torch.Tensor:
     """Return `[B, T_prompt + new]` token ids (finished rows padded), like `transformers` generate.
 
@@ -332,6 +352,8 @@ def generate(
     `streamer` follows transformers' streamer protocol (`put`, `end`; e.g. `TextIteratorStreamer`
     for an iterator of text); `callback` receives every GenerationStep. `use_cache=False`
     recomputes both passes over the whole sequence every step (slow; for checking).
+    `images`: a vision-language base's image inputs (`pixel_values=`, `image_grid_thw=` or
+    `pixel_attention_mask=`, ...), used in the prefill of both passes (`xlora.multimodal`).
     Invalid options, an empty prompt, or prompt + `max_new_tokens` beyond the model's context
     (`max_position_embeddings`) raise a ValueError naming the argument.
     """
@@ -348,11 +370,13 @@ def generate(
     )
     opts = with_model_defaults(model, opts)
     opts.validate()
+    multimodal.check_image_keywords(images)
     check_prompt(input_ids, attention_mask, context_length(model), max_new_tokens, vocab_size(model.base))
     new_tokens = []
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    for step in iter_generate(model, input_ids, attention_mask, opts, use_cache, reuse_scalings_after):
+    steps = iter_generate(model, input_ids, attention_mask, opts, use_cache, reuse_scalings_after, images=images)
+    for step in steps:
         new_tokens.append(step.tokens)
         if streamer is not None:
             streamer.put(step.tokens.cpu())

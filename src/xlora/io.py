@@ -27,6 +27,7 @@ from torch import nn
 from .classifier import build_layers
 from .config import CheckpointError, XLoraConfig, XLoraConfigError, read_json_object
 from .experts import ExpertError, ExpertSpec, check_expert_name, load_experts, normalize_expert_spec
+from .multimodal import text_config
 from .safe_write import (  # noqa: F401 - re-exported: writers and tests import them from here
     atomic_directory,
     check_destination,
@@ -399,7 +400,7 @@ def load_checkpoint(
     experts, modules = load_experts(base, list(zip(stored.names, stored.expert_dirs)))
     # check the classifier before touching the base model
     if stored.config.hidden_size is None:
-        stored.config.hidden_size = int(base.config.hidden_size)
+        stored.config.hidden_size = int(text_config(base).hidden_size)
     state = check_classifier(
         stored.classifier, stored.config, len(experts), len(modules), stored.classifier_path, stored.missing_hint
     )

@@ -19,6 +19,7 @@ from .config import XLoraConfig, XLoraConfigError
 from .early_gate import n_decoder_layers, truncated_decoder
 from .experts import ExpertSpec, LoraExpert, load_experts, stack_module
 from .layers import ScalingsState, XLoraLinear, compute_dtype
+from .multimodal import shared_inputs, text_config
 from .scalings_log import ScalingsLog
 
 
@@ -54,12 +55,13 @@ class XLoraModel(nn.Module):
         stays exact on bf16 or quantized bases); None runs it in the base's compute dtype."""
         super().__init__()
         config = copy.deepcopy(config)
+        hidden_size = int(text_config(base).hidden_size)  # a VLM's is its language model's
         if config.hidden_size is None:
-            config.hidden_size = int(base.config.hidden_size)
-        elif config.hidden_size != base.config.hidden_size:
+            config.hidden_size = hidden_size
+        elif config.hidden_size != hidden_size:
             raise XLoraConfigError(
-                f"XLoraConfig.hidden_size: expected the base model's hidden size "
-                f"{base.config.hidden_size}, got {config.hidden_size}"
+                f"XLoraConfig.hidden_size: expected the base model's hidden size {hidden_size}, "
+                f"got {config.hidden_size}"
             )
         config.validate(n_experts=len(experts))
         check_scaling_pass_layers(config, base)
@@ -119,7 +121,10 @@ class XLoraModel(nn.Module):
     ) -> XLoraModel:
         """Wrap `base` with the PEFT LoRA adapters in `experts` ({name: dir} or [(name, dir)]) and a new gate.
 
-        `base` may be fp32, bf16/fp16 or quantized (bitsandbytes 8-bit / 4-bit layers stay as they are)."""
+        `base` may be fp32, bf16/fp16 or quantized (bitsandbytes 8-bit / 4-bit layers stay as they are),
+        or a vision-language model (Qwen2-VL, Idefics3): then only its language model's linears (and
+        the LM head) are adapted, and an expert with vision-tower / projector tensors is refused
+        (`xlora.multimodal`)."""
         loaded, modules = load_experts(base, experts)
         return cls(
             base,
@@ -292,7 +297,11 @@ class XLoraModel(nn.Module):
         labels: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Scaling pass, classifier, real pass. Returns the base model's output (logits, loss with labels)."""
+        """Scaling pass, classifier, real pass. Returns the base model's output (logits, loss with labels).
+
+        On a vision-language base the image inputs (`pixel_values`, `image_grid_thw`,
+        `pixel_attention_mask`, ...: every `pixel_*`/`image_*`/`video_*`/`mm_*` keyword) go to both
+        passes, so the classifier reads the merged text+image sequence (`xlora.multimodal`)."""
         inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -300,9 +309,11 @@ class XLoraModel(nn.Module):
             "inputs_embeds": inputs_embeds,
         }
         self._check_not_merged()
+        shared = shared_inputs(self.base, input_ids, kwargs)  # image inputs: both passes
+        kwargs.update(shared)
         if self._experts_disabled:
             return self.base(**inputs, labels=labels, **kwargs)
-        scalings = self.route(**inputs)
+        scalings = self.route(**inputs, **shared)
         kwargs.setdefault("use_cache", False)
         with self.apply_scalings(scalings):
             return self.base(**inputs, labels=labels, **kwargs)
