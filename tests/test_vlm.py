@@ -12,6 +12,7 @@ from vlm_helpers import FAMILIES, IMAGE, make_vlm_adapter, make_vlm_experts
 
 from xlora import XLoraConfig, XLoraModel
 from xlora.experts import ExpertError
+from xlora.generation import SamplingOptions, iter_generate
 from xlora.layers import XLoraLinear
 
 OPTIONS = dict(xlora_depth=2, xlora_size=32, layerwise_scalings=True, softmax_temperature=0.5)
@@ -251,3 +252,20 @@ def test_vision_tower_targets_are_refused(vlm, tmp_path):
     with pytest.raises(ExpertError, match=rf"'wide' adapts \d+ module\(s\) outside the language model.*{tower}"):
         XLoraModel.from_experts(base, {**experts, "wide": wide})
     assert not any(isinstance(m, XLoraLinear) for m in base.modules())
+
+
+def test_early_gate_and_merged_decoding_on_a_vlm(vlm):
+    """The early gate cuts the language model's blocks (image tokens included) and merged decoding
+    folds the experts into its weights: cached == uncached, merged == fused tokens."""
+    family, _, _ = vlm
+    model = build(vlm, scaling_pass_layers=1)
+    ids, mask, images = inputs(family, pad=(2, 0))
+    kw = dict(max_new_tokens=6, eos_token_id=[], **images)
+    cached = model.generate(ids, mask, **kw)
+    assert torch.equal(cached, model.generate(ids, mask, use_cache=False, **kw))
+    weights = [0.7] + [0.3 / (model.n_experts - 1)] * (model.n_experts - 1)
+    with model.static_scalings(weights):
+        merged = model.generate(ids, mask, **kw)
+        opts = SamplingOptions(max_new_tokens=6, eos_token_id=[])
+        fused = torch.stack([s.tokens for s in iter_generate(model, ids, mask, opts, merge=False, images=images)], 1)
+    assert torch.equal(merged[:, ids.shape[1] :], fused)
