@@ -131,6 +131,12 @@ def test_tiny_end_to_end(tmp_path):
     assert not set(data["qm9_index_gate"]) & (set(data["qm9_index_train"]) | set(data["qm9_index_eval"]))
     assert not set(data["amp_sequences_gate"]) & (set(data["amp_sequences_train"]) | set(data["amp_sequences_eval"]))
     assert len((cfg.work / "data" / "gate-train.jsonl").read_text().splitlines()) == 3 * 16 + 3 * 4
+    # the larger test sets (200 per task by default): staged too, unseen by experts and gate
+    seen_qm9 = set(data["qm9_index_train"]) | set(data["qm9_index_eval"]) | set(data["qm9_index_gate"])
+    seen_amp = set(data["amp_sequences_train"]) | set(data["amp_sequences_eval"]) | set(data["amp_sequences_gate"])
+    assert len(data["qm9_index_test"]) == 400 and not set(data["qm9_index_test"]) & seen_qm9
+    assert len(data["amp_sequences_test"]) == 200 and not set(data["amp_sequences_test"]) & seen_amp
+    assert len((cfg.work / "data" / "peptides-test.jsonl").read_text().splitlines()) == 200
     assert json.loads((cfg.out / "xlora_config.json").read_text())["enable_softmax"] is False
     assert "| X-LoRA (trained gate) |" in (cfg.out / "results.md").read_text()
     # resumable: a second call reuses every stage

@@ -131,35 +131,81 @@ def demo(
 
 @app.command("eval")
 def eval_cmd(
-    checkpoint: Annotated[Path, typer.Option(help="An X-LoRA checkpoint.")],
+    checkpoint: Annotated[Path, typer.Option(help="An X-LoRA checkpoint ('shipped': the science demo's).")],
     task: Annotated[str, typer.Option(help="molecule-properties, molecule-design or peptides.")],
     data: Annotated[Path, typer.Option(help="JSONL of {task, prompt, completion, meta} records.")],
+    baselines: Annotated[
+        bool, typer.Option(help="Also the base model, each single expert and the uniform mix; X-LoRA minus the best.")
+    ] = False,
     base: str = "default",
+    limit: Annotated[int | None, typer.Option(help="Only the first N records of the task (a quick look).")] = None,
+    train_data: Annotated[
+        Path | None, typer.Option(help="The run's molecule-design-train.jsonl, for the novelty rate.")
+    ] = None,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     dtype: DtypeOption = "float32",
     quantize: QuantizeOption = None,
 ) -> None:
-    """Score a checkpoint on any file in a task's format (as `xlora reproduce` writes them)."""
+    """Score a checkpoint on a task file: every metric with its 95% bootstrap interval and n."""
+    import json
+
     from .base_models import load_base
+    from .cli_guard import err
     from .model import XLoraModel
-    from .science.evaluate import generate_answers, read_items
+    from .science.evaluate import read_items
     from .science.pipeline import MAX_NEW_TOKENS
-    from .science.tasks import TASKS, score
+    from .science.scorecard import EvalOptions, evaluate_checkpoint, scorecard_table
+    from .science.tasks import TASKS
 
     if task not in TASKS:
         _fail(f"--task: expected one of {', '.join(TASKS)}, got {task!r}")
-        return
-    try:
-        items = [i for i in read_items(data) if i.task == task]
-        if not items:
-            raise ValueError(f"{data}: no records for task {task}")
-        model_base, tok = load_base(base, dtype=dtype, quantization=quantize)
-        model = XLoraModel.from_pretrained(model_base, checkpoint_path(checkpoint))
-    except (ValueError, FileNotFoundError, OSError) as e:
-        _fail(str(e))
-        return
-    answers = generate_answers(model, tok, items, MAX_NEW_TOKENS[task])
-    for k, v in score(task, items, answers).items():
-        out.print(f"{k}: {v:.4f}", highlight=False)
+    if limit is not None and limit < 1:
+        _fail(f"--limit: expected a positive number of records, got {limit}")
+    if resamples < 1:
+        _fail(f"--resamples: expected a positive integer, got {resamples}")
+    items = [i for i in read_items(data) if i.task == task][:limit]
+    if not items:
+        _fail(f"{data}: no records for task {task}")
+    train_smiles = None
+    if train_data is not None:
+        rows = [json.loads(x) for x in train_data.read_text().splitlines() if x.strip()]
+        last = [r["messages"][-1] for r in rows if isinstance(r, dict) and isinstance(r.get("messages"), list)]
+        train_smiles = {m["content"] for m in last if isinstance(m, dict) and isinstance(m.get("content"), str)}
+        if not train_smiles:
+            _fail(f"{train_data}: no chat records ({{'messages': [...]}}) to take training SMILES from")
+    model_base, tok = load_base(base, dtype=dtype, quantization=quantize)
+    model = XLoraModel.from_pretrained(model_base, checkpoint_path(checkpoint)).eval()
+    opts = EvalOptions(MAX_NEW_TOKENS[task], resamples=resamples, seed=seed, train_smiles=train_smiles)
+
+    def progress(name: str) -> None:
+        err.print(f"scoring {name} on {len(items)} items", highlight=False, soft_wrap=True, markup=False)
+
+    card = evaluate_checkpoint(model, tok, task, items, opts, baselines=baselines, progress=progress)
+    out.print(scorecard_table(card), soft_wrap=True, highlight=False, markup=False)
+
+
+@app.command("make-test-sets")
+def make_test_sets(
+    checkpoint: Annotated[Path, typer.Option(help="A checkpoint with the manifest.json of its reproduce run.")] = Path(
+        "shipped"
+    ),
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the {task}-test.jsonl files go.")] = Path("xlora-test"),
+    n_loss: Annotated[int, typer.Option(help="Items per task scored by loss.")] = 200,
+    n_generate: Annotated[int, typer.Option(help="Items per generated metric.")] = 100,
+) -> None:
+    """Write test sets disjoint from everything the checkpoint's experts and gate saw (its manifest)."""
+    from .science.testsets import HoldoutSizes, manifest_ids, write_test_sets
+
+    ids, seed = manifest_ids(checkpoint_path(checkpoint))
+    record = write_test_sets(out_dir, ids, seed, HoldoutSizes(n_loss, n_generate))
+    out.print(
+        f"{len(record['qm9_index_test'])} molecules and {len(record['amp_sequences_test'])} peptides, unseen by the "
+        f"run: {out_dir}/{{molecule-properties,molecule-design,peptides}}-test.jsonl (ids in test-ids.json)",
+        soft_wrap=True,
+        highlight=False,
+        markup=False,
+    )
 
 
 @app.command("plot-scalings")

@@ -19,6 +19,7 @@ import torch
 
 from .datasets import load_amps, load_qm9, split3
 from .tasks import TASKS, Item, design_item, peptide_items, property_item
+from .testsets import TEST_KEYS, HoldoutSizes, write_test_sets
 
 MAX_NEW_TOKENS = {"molecule-properties": 24, "molecule-design": 32, "peptides": 40}
 
@@ -50,6 +51,9 @@ class ReproduceConfig:
     gate_fresh: int = 320  # per task: extra gate-training examples the experts never saw
     max_length: int = 128
     gate_scaling_pass_layers: int | None = None  # early gate: the scaling pass runs the first k layers
+    # the larger test sets for `xlora eval` (testsets.py): disjoint from all of the above
+    n_test: int = 200  # per task, scored by loss
+    n_test_generate: int = 100  # per generated metric
 
 
 # ---------------------------------------------------------------------- data
@@ -121,20 +125,23 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def stage_data(cfg: ReproduceConfig) -> dict:
+    """Write the train / held-out / gate files and the test sets; returns every id for the manifest."""
     data = cfg.work / "data"
     marker = data / "ids.json"
-    if marker.is_file():
-        ids = json.loads(marker.read_text())
-        if len(ids.get("qm9_index_gate", [])) == 2 * cfg.gate_fresh and (data / "gate-train.jsonl").is_file():
-            return ids  # otherwise rebuild: train and held-out files come out the same, gate data is new
-    train, evals, fresh, ids = build_items(cfg)
-    for task in TASKS:
-        write_jsonl(data / f"{task}-train.jsonl", [chat_record(i) for i in train[task]])
-        write_jsonl(data / f"{task}-eval-chat.jsonl", [chat_record(i) for i in evals[task]])
-        write_jsonl(data / f"{task}-eval.jsonl", [i.record() for i in evals[task]])
-    write_jsonl(data / "gate-train.jsonl", gate_records(train, fresh))
-    marker.write_text(json.dumps(ids))
-    return ids
+    ids = json.loads(marker.read_text()) if marker.is_file() else {}
+    if not (len(ids.get("qm9_index_gate", [])) == 2 * cfg.gate_fresh and (data / "gate-train.jsonl").is_file()):
+        # (re)build: train and held-out files come out the same, gate data is new
+        train, evals, fresh, ids = build_items(cfg)
+        for task in TASKS:
+            write_jsonl(data / f"{task}-train.jsonl", [chat_record(i) for i in train[task]])
+            write_jsonl(data / f"{task}-eval-chat.jsonl", [chat_record(i) for i in evals[task]])
+            write_jsonl(data / f"{task}-eval.jsonl", [i.record() for i in evals[task]])
+        write_jsonl(data / "gate-train.jsonl", gate_records(train, fresh))
+        marker.write_text(json.dumps(ids))
+    # the test sets depend only on the ids above and the seed; a later stage of its own, so a work
+    # folder from before they existed gains them without touching anything else
+    test = write_test_sets(data, ids, cfg.seed, HoldoutSizes(cfg.n_test, cfg.n_test_generate))
+    return ids | {k: test[k] for k in TEST_KEYS}
 
 
 # ---------------------------------------------------------------------- training
@@ -238,7 +245,7 @@ def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
         return cfg.out
     t0 = time.time()
     # the run directory (resumable checkpoints) is named by the settings, so changing them starts afresh
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "work")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "work", "n_test", "n_test_generate")}
     if cfg.gate_scaling_pass_layers is None:  # added later: runs of full-pass gates keep their folder
         del settings["gate_scaling_pass_layers"]
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]

@@ -102,54 +102,94 @@ def _mae(errors: list[float | None]) -> float:
     return statistics.fmean(parsed) if parsed and len(parsed) * 2 >= len(errors) else float("nan")
 
 
-def score(task: str, items: list[Item], answers: list[str], train_smiles: set[str] | None = None) -> dict:
-    """Task metrics of generated `answers` against `items` (same order)."""
+META_KEYS = {  # what scoring reads from each item's meta
+    "molecule-properties": ("gap", "dipole"),
+    "molecule-design": ("formula",),
+    "peptides/classify": ("kind", "antimicrobial", "charge"),
+    "peptides/design": ("kind", "length", "charge"),
+}
+MAE_METRICS = ("gap_mae_ev", "dipole_mae_d", "charge_mae")  # per-item absolute errors, None = unparsed
+
+
+def _check_meta(task: str, it: Item, n: int) -> None:
+    """A clear error for a record whose meta lacks what scoring reads (instead of a KeyError)."""
+    key = task
+    if task == "peptides":
+        if it.meta.get("kind") not in ("classify", "design"):
+            raise ValueError(
+                f"peptides item {n}: meta 'kind' must be 'classify' or 'design', got {it.meta.get('kind')!r}"
+            )
+        key = f"peptides/{it.meta['kind']}"
+    missing = [k for k in META_KEYS[key] if k not in it.meta]
+    if missing:
+        raise ValueError(f"{task} item {n}: its meta lacks {', '.join(missing)} (has {', '.join(sorted(it.meta))})")
+
+
+def outcomes(
+    task: str, items: list[Item], answers: list[str], train_smiles: set[str] | None = None
+) -> dict[str, list[float | None]]:
+    """Per-item values of each task metric, the raw material of `score` and of bootstrap intervals.
+
+    metric -> one value per item the metric applies to, in item order (peptide classification
+    metrics apply to classification items only, `design_satisfied_rate` to design items only), so
+    two models' lists on the same items pair up. Rates are 0/1; MAE metrics are absolute errors,
+    None where the answer did not parse."""
+    if len(items) != len(answers):
+        raise ValueError(f"{len(items)} items but {len(answers)} answers")
+    if task in TASKS:
+        for n, it in enumerate(items, start=1):
+            _check_meta(task, it, n)
     if task == "molecule-properties":
-        gaps, dips = [], []
+        gaps: list[float | None] = []
+        dips: list[float | None] = []
         for it, a in zip(items, answers):
             g = re.search(r"gap\s*" + _NUM, a)
             d = re.search(r"dipole\s*" + _NUM, a)
             gaps.append(abs(float(g.group(1)) - it.meta["gap"]) if g else None)
             dips.append(abs(float(d.group(1)) - it.meta["dipole"]) if d else None)
-        return {
-            "gap_mae_ev": _mae(gaps),
-            "dipole_mae_d": _mae(dips),
-            "parsed_rate": sum(x is not None for x in gaps) / len(items),
-        }
+        return {"gap_mae_ev": gaps, "dipole_mae_d": dips, "parsed_rate": [float(x is not None) for x in gaps]}
     if task == "molecule-design":
-        valid = exact = novel = 0
+        valid, exact, novel = [], [], []
         for it, a in zip(items, answers):
             smi = a.strip().split()[0] if a.strip() else ""
             can = canonical(smi) if smi else None
-            if can is None:
-                continue
-            valid += 1
-            exact += formula_of(can) == it.meta["formula"]
-            novel += train_smiles is None or can not in train_smiles
-        n = len(items)
-        return {"valid_rate": valid / n, "exact_formula_rate": exact / n, "novel_rate": novel / n}
+            valid.append(float(can is not None))
+            exact.append(float(can is not None and formula_of(can) == it.meta["formula"]))
+            novel.append(float(can is not None and (train_smiles is None or can not in train_smiles)))
+        return {"valid_rate": valid, "exact_formula_rate": exact, "novel_rate": novel}
     if task == "peptides":
-        acc, charge_err, sat, n_cls, n_des = 0, [], 0, 0, 0
+        acc: list[float | None] = []
+        charge_err: list[float | None] = []
+        sat: list[float | None] = []
         for it, a in zip(items, answers):
             if it.meta["kind"] == "classify":
-                n_cls += 1
                 yes = re.search(r"antimicrobial:\s*(yes|no)", a)
-                acc += bool(yes) and (yes.group(1) == "yes") == it.meta["antimicrobial"]
+                acc.append(float(bool(yes) and (yes.group(1) == "yes") == it.meta["antimicrobial"]))
                 c = re.search(r"charge\s*" + _NUM, a)
                 charge_err.append(abs(float(c.group(1)) - it.meta["charge"]) if c else None)
             else:
-                n_des += 1
                 seq = "".join(ch for ch in a.strip().split()[0] if ch.isalpha()) if a.strip() else ""
-                if seq and set(seq) <= AMINO:
-                    ok_len = len(seq) == it.meta["length"]
-                    sat += ok_len and abs(net_charge(seq) - it.meta["charge"]) <= 1.0
+                ok = bool(seq) and set(seq) <= AMINO and len(seq) == it.meta["length"]
+                sat.append(float(ok and abs(net_charge(seq) - it.meta["charge"]) <= 1.0))
         return {
-            "amp_accuracy": acc / max(n_cls, 1),
-            "charge_mae": _mae(charge_err),
-            "charge_parsed_rate": sum(x is not None for x in charge_err) / max(n_cls, 1),
-            "design_satisfied_rate": sat / max(n_des, 1),
+            "amp_accuracy": acc,
+            "charge_mae": charge_err,
+            "charge_parsed_rate": [float(x is not None) for x in charge_err],
+            "design_satisfied_rate": sat,
         }
     raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+
+
+def score(task: str, items: list[Item], answers: list[str], train_smiles: set[str] | None = None) -> dict:
+    """Task metrics of generated `answers` against `items` (same order): means of `outcomes`
+    (0 when a metric has no items), MAEs by `_mae`'s half-parsed rule."""
+    out = {}
+    for metric, values in outcomes(task, items, answers, train_smiles).items():
+        if metric in MAE_METRICS:
+            out[metric] = _mae(values)
+        else:
+            out[metric] = sum(v or 0.0 for v in values) / max(len(values), 1)
+    return out
 
 
 def mean_baseline(task: str, items: list[Item], train_answers: list[str]) -> dict[str, float]:

@@ -1,0 +1,90 @@
+"""The larger test sets: sizes, balance, and disjointness from everything the shipped run used."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from xlora.science import PACKAGED
+from xlora.science.datasets import load_qm9
+from xlora.science.evaluate import read_items
+from xlora.science.testsets import HoldoutSizes, holdout_items, manifest_ids, used_ids, write_test_sets
+
+
+@pytest.fixture(scope="module")
+def qm9():
+    return load_qm9()
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return manifest_ids(PACKAGED)
+
+
+def test_shipped_test_sets_are_large_balanced_and_unseen(qm9, shipped):
+    ids, seed = shipped
+    items, test_ids = holdout_items(ids, seed, molecules=qm9)
+    generated = {t: [i for i in v if not i.meta.get("loss_only")] for t, v in items.items()}
+    for task in items:
+        assert len(items[task]) >= 200, task  # losses
+    assert len(generated["molecule-properties"]) >= 100 and len(generated["molecule-design"]) >= 100
+    classify = [i for i in generated["peptides"] if i.meta["kind"] == "classify"]
+    design = [i for i in generated["peptides"] if i.meta["kind"] == "design"]
+    assert len(classify) >= 100 and len(design) >= 100
+    assert sum(i.meta["antimicrobial"] for i in classify) * 2 == len(classify)  # balanced classes
+    # disjoint from every id the shipped experts and gate saw (train, first held-out set, fresh gate data)
+    qm9_used, amp_used = used_ids(ids)
+    assert {"qm9_index_train", "qm9_index_eval", "qm9_index_gate", "amp_sequences_gate"} <= set(ids)
+    assert not set(test_ids["qm9_index_test"]) & qm9_used
+    assert not set(test_ids["amp_sequences_test"]) & amp_used
+    # ... also by SMILES, and no molecule or peptide twice within the test sets
+    used_smiles = {m.smiles for m in qm9 if int(m.id) in qm9_used}
+    test_smiles = [i.prompt.split()[1].rstrip(".") for i in items["molecule-properties"]]
+    assert not set(test_smiles) & used_smiles
+    assert len(set(test_ids["qm9_index_test"])) == 400 and len(set(test_ids["amp_sequences_test"])) == 200
+    prop_ids = {i.meta["id"] for i in items["molecule-properties"]}
+    assert not prop_ids & {i.meta["id"] for i in items["molecule-design"]}
+    # reproducible, and another seed draws other items
+    assert holdout_items(ids, seed, molecules=qm9)[1] == test_ids
+    assert holdout_items(ids, seed + 1, molecules=qm9)[1]["qm9_index_test"] != test_ids["qm9_index_test"]
+
+
+def test_reproduce_staging_matches_the_shipped_split(shipped):
+    """`xlora reproduce` with its defaults draws exactly the shipped run's ids, so the test sets it
+    stages are unseen by the shipped checkpoint too."""
+    from xlora.science.pipeline import ReproduceConfig, build_items
+
+    ids, _ = shipped
+    _, _, _, staged = build_items(ReproduceConfig())
+    assert staged == {k: ids[k] for k in staged}
+
+
+def test_write_test_sets_resumes_and_follows_the_used_ids(tmp_path, shipped):
+    ids, seed = shipped
+    sizes = HoldoutSizes(n_loss=20, n_generate=6)
+    record = write_test_sets(tmp_path, ids, seed, sizes)
+    peptides = read_items(tmp_path / "peptides-test.jsonl")
+    assert len(peptides) == 20 and sum(not i.meta.get("loss_only") for i in peptides) == 12
+    assert sum(i.meta.get("antimicrobial", False) for i in peptides if i.meta["kind"] == "classify") == 5
+    stamp = (tmp_path / "molecule-design-test.jsonl").stat().st_mtime_ns
+    assert write_test_sets(tmp_path, ids, seed, sizes) == record  # resumed: nothing rewritten
+    assert (tmp_path / "molecule-design-test.jsonl").stat().st_mtime_ns == stamp
+    # a run that used other molecules gets test sets without them
+    taken = record["qm9_index_test"][:5]
+    other = {**ids, "qm9_index_gate": ids["qm9_index_gate"] + taken}
+    again = write_test_sets(tmp_path, other, seed, sizes)
+    assert not set(again["qm9_index_test"]) & set(taken)
+    assert json.loads((tmp_path / "test-ids.json").read_text()) == again
+
+
+def test_clear_errors(qm9):
+    with pytest.raises(ValueError, match="even n_loss"):
+        HoldoutSizes(n_loss=7).check()
+    with pytest.raises(ValueError, match="n_generate <= n_loss / 2"):
+        HoldoutSizes(n_loss=20, n_generate=11).check()
+    with pytest.raises(ValueError, match="no QM9 molecules or no peptides"):
+        used_ids({"qm9_index_train": [1]})
+    with pytest.raises(ValueError, match="only .* unused"):
+        tiny_run = {"qm9_index_train": [1], "amp_sequences_train": ["KK"]}
+        holdout_items(tiny_run, 0, HoldoutSizes(100_000, 10), molecules=qm9)
