@@ -78,16 +78,47 @@ def held_out_loss(model, tok, data: Path, reuse: int | None = None) -> dict[str,
     return out
 
 
-def mistralrs_rates(base_dir: Path, prompt: str) -> dict[str, float]:
+def mistralrs_copy(out: Path) -> Path:
+    """A copy of the embedded base that mistral.rs 0.9.5 loads: `rope_theta` at the top of config.json,
+    no `quantization_config`, and an explicit `lm_head.weight` (SmolLM2 ties it to the embedding)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from xlora.base_models import default_base_dir
+
+    src = default_base_dir()
+    if (out / "model.safetensors").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config.setdefault("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
+    weights = load_file(str(src / "model.safetensors"))
+    weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"].clone())
+    save_file(weights, str(out / "model.safetensors"))
+    return out
+
+
+def mistralrs_rates(prompt: str) -> dict[str, float]:
     """tokens/s of mistral.rs's plain base, fp32 and in-situ Q8_0, or {} when it is not installed."""
     try:
         import mistralrs
     except ImportError:
         return {}
+    import tempfile
+
+    base_dir = mistralrs_copy(Path(tempfile.gettempdir()) / "xlora-mistralrs-base")
     rates = {}
     for name, quant in (("fp32", None), ("Q8_0", "Q8_0")):
         kw = {"in_situ_quant": quant} if quant else {}
-        runner = mistralrs.Runner(which=mistralrs.Which.Plain(model_id=str(base_dir)), **kw)
+        which = mistralrs.Which.Plain(model_id=str(base_dir), dtype=mistralrs.ModelDType.F32)
+        runner = mistralrs.Runner(which=which, **kw)
         req = mistralrs.ChatCompletionRequest(
             model="default",
             messages=[{"role": "user", "content": prompt}],
@@ -111,7 +142,7 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--mistralrs-base", type=Path, help="A plain HF folder of the base mistral.rs can read.")
+    p.add_argument("--no-mistralrs", action="store_true", help="Skip the mistral.rs peer even if installed.")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -156,7 +187,7 @@ def main() -> None:
         rows.append((dtype, name, NEW / timed(lambda m=early, i=ids: ours(m, i), a.runs), loss))
         early.unload()
 
-    rates = mistralrs_rates(a.mistralrs_base, PROMPT) if a.mistralrs_base else {}
+    rates = {} if a.no_mistralrs else mistralrs_rates(PROMPT)
     print(f"SmolLM2-135M-Instruct, {a.threads} threads, batch 1, {NEW} greedy tokens, median of {a.runs} runs\n")
     tasks = list(rows[-1][3] or rows[2][3] or {})
     ratio_head = " | / mistral.rs fp32 |" if rates else ""
