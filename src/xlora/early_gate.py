@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from .config import XLoraConfig, XLoraConfigError
+
 
 def decoder_layer_list(decoder: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     """The decoder's stack of transformer blocks as (owner, attribute name, ModuleList).
@@ -46,6 +48,18 @@ def final_norm(owner: nn.Module) -> tuple[nn.Module, str] | None:
 
 def n_decoder_layers(decoder: nn.Module) -> int:
     return len(decoder_layer_list(decoder)[2])
+
+
+def check_scaling_pass_layers(config: XLoraConfig, base: nn.Module) -> None:
+    """`scaling_pass_layers` must name 1..L decoder layers of this base."""
+    k = config.scaling_pass_layers
+    if k is None:
+        return
+    n = n_decoder_layers(base.base_model)
+    if k > n:
+        raise XLoraConfigError(
+            f"XLoraConfig.scaling_pass_layers: expected 1..{n} (the base model's decoder layers), got {k}"
+        )
 
 
 @contextmanager

@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import check_number
 from .classifier import XLoraClassifier, select_topk
 from .config import XLoraConfig, XLoraConfigError
-from .early_gate import n_decoder_layers, truncated_decoder
+from .early_gate import check_scaling_pass_layers, truncated_decoder
 from .experts import ExpertSpec, LoraExpert, load_experts, stack_module
 from .layers import ScalingsState, XLoraLinear, compute_dtype
+from .model_api import ScalingsAPI
 from .multimodal import shared_inputs, text_config
 from .scalings_log import ScalingsLog
 
@@ -35,7 +35,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-class XLoraModel(nn.Module):
+class XLoraModel(ScalingsAPI, nn.Module):
     """A causal LM whose adapted modules mix N frozen LoRA experts with per-token learned weights.
 
     Built with `from_experts` (new gate) or `from_pretrained` (saved gate). The base model is
@@ -324,78 +324,6 @@ class XLoraModel(nn.Module):
 
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
-    # ------------------------------------------------------------------ PEFT-named scalings API
-
-    def get_latest_scalings(self) -> torch.Tensor | None:
-        """Scalings `[B, T, L, N]` of the latest classifier call (before top-k), or None."""
-        return self._latest_scalings
-
-    def enable_scalings_logging(self) -> None:
-        self.scalings_log.enabled = True
-
-    def disable_scalings_logging(self) -> None:
-        """Stop logging without clearing the log."""
-        self.scalings_log.enabled = False
-
-    def clear_scalings_log(self) -> None:
-        self.scalings_log.entries.clear()
-
-    def get_scalings_log(self) -> list[torch.Tensor]:
-        """A copy of the list of logged scalings, each `[B, T, L, N]`."""
-        return list(self.scalings_log.entries)
-
-    def get_bucketed_scalings_log(self) -> dict[int, tuple[list[int], list[torch.Tensor]]]:
-        return self.scalings_log.bucketed()
-
-    def flush_log_scalings(self, path: str | os.PathLike[str]) -> Path:
-        """Write the log to `<path>.npz` + `<path>-mapping.json` and clear it."""
-        return self.scalings_log.flush(path, self.expert_names, self.module_names)
-
-    def _set_config(self, method: str, field: str, value: object) -> None:
-        """Set one config field, or leave the config untouched and raise a ValueError naming `method`."""
-        old = getattr(self.config, field)
-        setattr(self.config, field, value)
-        try:
-            self.config.validate(self.n_experts)
-        except XLoraConfigError as e:
-            setattr(self.config, field, old)
-            raise XLoraConfigError(f"{method}: {e}") from None
-
-    def set_topk_lora(self, value: int | None) -> None:
-        """Keep only the k largest scalings per token and module (None: all); 1 <= k <= n_experts."""
-        check_number(
-            "set_topk_lora",
-            "value (XLoraConfig.top_k_lora)",
-            value,
-            integer=True,
-            low=1,
-            high=self.n_experts,
-            optional=True,
-            error=XLoraConfigError,
-        )
-        self._set_config("set_topk_lora", "top_k_lora", None if value is None else int(value))
-
-    def set_global_scaling_weight(self, weight: float) -> None:
-        """Multiply every expert's contribution by `weight` (a finite number; 1 = as trained)."""
-        check_number(
-            "set_global_scaling_weight", "weight (XLoraConfig.global_scaling_weight)", weight, error=XLoraConfigError
-        )
-        self._set_config("set_global_scaling_weight", "global_scaling_weight", float(weight))
-
-    def get_global_scaling_weight(self) -> float:
-        return self.config.global_scaling_weight
-
-    def set_scaling_pass_value(self, value: float | None) -> None:
-        """Constant scalings of the scaling pass (a finite number); None means 1/N."""
-        check_number(
-            "set_scaling_pass_value",
-            "value (XLoraConfig.scaling_pass_value)",
-            value,
-            optional=True,
-            error=XLoraConfigError,
-        )
-        self._set_config("set_scaling_pass_value", "scaling_pass_value", None if value is None else float(value))
-
     @contextmanager
     def disable_experts(self) -> Iterator[None]:
         """Inside, the model is the plain base model (no scaling pass, no expert math)."""
@@ -433,18 +361,6 @@ class XLoraModel(nn.Module):
             raise ValueError("mask_experts: cannot mask every expert (use disable_experts() instead)")
         self._expert_mask = keep
         return _MaskHandle(self, previous)
-
-
-def check_scaling_pass_layers(config: XLoraConfig, base: nn.Module) -> None:
-    """`scaling_pass_layers` must name 1..L decoder layers of this base."""
-    k = config.scaling_pass_layers
-    if k is None:
-        return
-    n = n_decoder_layers(base.base_model)
-    if k > n:
-        raise XLoraConfigError(
-            f"XLoraConfig.scaling_pass_layers: expected 1..{n} (the base model's decoder layers), got {k}"
-        )
 
 
 class _MaskHandle:
