@@ -47,34 +47,51 @@ def ours(model, ids, reuse=None, merge=True, disabled=False):
         return torch.stack([s.tokens for s in steps])
 
 
+def frozen_after(scalings: torch.Tensor, labels: torch.Tensor, reuse: int) -> torch.Tensor:
+    """Scalings `[B, T, L, N]` as generation with `reuse_scalings_after=reuse` uses them on this text:
+    from position prompt + reuse on, every position keeps those of position prompt + reuse - 1."""
+    out = scalings.clone()
+    for row in range(labels.shape[0]):
+        start = int((labels[row] != -100).nonzero()[0])  # first answer token = the prompt's length
+        keep = start + reuse - 1
+        if keep < out.shape[1]:
+            out[row, keep:] = out[row, keep]
+    return out
+
+
 @torch.no_grad()
-def held_out_loss(model, tok, data: Path, reuse: int | None = None) -> dict[str, float]:
-    """Token-weighted answer loss per task; `reuse`: positions from prompt + reuse on keep the scalings
-    of position prompt + reuse - 1 (what generation with `reuse_scalings_after` uses)."""
+def item_losses(model, tok, path: Path, reuse: int | None = None, limit: int | None = None, batch: int = 8):
+    """Per item of a chat JSONL: (sum of the answer tokens' cross-entropy, their number), float64 `[n]`."""
+    import torch.nn.functional as F
+
     from xlora.data import collate, load_dataset
+
+    ds = load_dataset(path, tok, 128)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    sums, counts = [], []
+    for start in range(0, n, batch):
+        b = collate([ds[i] for i in range(start, min(start + batch, n))], tok.pad_token_id or 0)
+        inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+        if reuse is None:
+            logits = model(**inputs).logits
+        else:
+            with model.apply_scalings(frozen_after(model.route(**inputs), b["labels"], reuse)):
+                logits = model.base(**inputs).logits
+        labels = b["labels"][:, 1:]  # [B, T-1]
+        ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        sums += ce.sum(1).tolist()
+        counts += (labels != -100).sum(1).tolist()
+    return torch.tensor(sums, dtype=torch.float64), torch.tensor(counts, dtype=torch.float64)
+
+
+def held_out_loss(model, tok, data: Path, reuse: int | None = None, limit: int | None = None) -> dict[str, float]:
+    """Token-weighted answer loss per task (`<task>-eval-chat.jsonl` in `data`)."""
     from xlora.science.tasks import TASKS
-    from xlora.training import token_ce_sum
 
     out = {}
     for task in TASKS:
-        ds = load_dataset(data / f"{task}-eval-chat.jsonl", tok, 128)
-        total, count = 0.0, 0
-        for i in range(len(ds)):
-            batch = collate([ds[i]], tok.pad_token_id or 0)
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            if reuse is None:
-                logits = model(**inputs).logits
-            else:
-                scalings = model.route(**inputs).clone()  # [1, T, L, N]
-                start = int((batch["labels"][0] != -100).nonzero()[0])  # first answer token = prompt length
-                keep = start + reuse - 1
-                if keep < scalings.shape[1]:
-                    scalings[:, keep:] = scalings[:, keep : keep + 1]
-                with model.apply_scalings(scalings):
-                    logits = model.base(**inputs).logits
-            ce, n = token_ce_sum(logits, batch["labels"])
-            total, count = total + float(ce), count + n
-        out[task] = total / max(count, 1)
+        s, c = item_losses(model, tok, data / f"{task}-eval-chat.jsonl", reuse, limit)
+        out[task] = float(s.sum() / c.sum())
     return out
 
 
@@ -139,6 +156,7 @@ def main() -> None:
     p.add_argument("--early-gate", type=Path, help="A gate trained with --scaling-pass-layers.")
     p.add_argument("--k", type=int, default=15, help="Layers of the cost-only early gate (no --early-gate).")
     p.add_argument("--data", type=Path, help="Folder with <task>-eval-chat.jsonl for held-out losses.")
+    p.add_argument("--limit", type=int, help="Score only the first N held-out items per task.")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -173,13 +191,13 @@ def main() -> None:
         ]
         for name, kw, reuse in modes:
             rate = NEW / timed(lambda kw=kw, m=model, i=ids: ours(m, i, **kw), a.runs)
-            loss = held_out_loss(model, tok, a.data, reuse) if a.data else None
+            loss = held_out_loss(model, tok, a.data, reuse, a.limit) if a.data else None
             rows.append((dtype, name, rate, loss))
         plain = model.unload()
         if a.early_gate:
             early = XLoraModel.from_pretrained(plain, a.early_gate)
             name = f"X-LoRA early gate k={early.config.scaling_pass_layers}"
-            loss = held_out_loss(early, tok, a.data) if a.data else None
+            loss = held_out_loss(early, tok, a.data, limit=a.limit) if a.data else None
         else:
             early = XLoraModel.from_pretrained(plain, checkpoint_path(Path(a.checkpoint)))
             early.config.scaling_pass_layers = a.k

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch
@@ -52,21 +53,39 @@ def train(work: Path, k: int, norm: bool) -> Path:
 
 
 def score(work: Path, heldout: Path, gates: dict[str, Path]) -> None:
-    from quantized_routing import item_losses, paired
+    from quantized_routing import paired
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from real_model import NEW, PROMPT, item_losses, ours, timed
 
     base, tok = load_base("default")
+    chat = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    ids = tok(chat, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    long_ids = torch.randint(100, 40000, (1, 256), generator=torch.Generator().manual_seed(0))
     shipped = shipped_checkpoint()
     rows = {"full (k=30, shipped)": shipped, **gates}
     losses: dict[str, dict[str, tuple]] = {}
+    cost: dict[str, tuple[float, float]] = {}  # name -> (prefill s of 256 tokens, decode tokens/s)
     for name, path in rows.items():
         model = XLoraModel.from_pretrained(base, path)
         losses[name] = {t: item_losses(model, tok, heldout / f"{t}-eval-chat.jsonl") for t in TASKS}
+        with torch.no_grad():
+            prefill = timed(lambda m=model: m(input_ids=long_ids), 3)
+        cost[name] = (prefill, NEW / timed(lambda m=model: ours(m, ids), 3))
+        if name == "full (k=30, shipped)":
+            with torch.no_grad(), model.disable_experts():
+                cost["plain base"] = (timed(lambda m=model: m(input_ids=long_ids), 3), 0.0)
+            cost["plain base"] = (cost["plain base"][0], NEW / timed(lambda m=model: ours(m, ids, disabled=True), 3))
         base = model.unload()
     ref = losses["full (k=30, shipped)"]
     n = {t: len(ref[t][0]) for t in TASKS}
-    print("| gate | " + " | ".join(f"{t} loss (n={n[t]})" for t in TASKS) + " |")
-    print("|---|" + "---:|" * len(TASKS))
+    pb, db = cost["plain base"]
+    print(f"plain base: prefill 256 tokens {pb * 1e3:.0f} ms, decode {db:.1f} tokens/s ({NEW} greedy tokens)\n")
+    head = " | ".join(f"{t} loss (n={n[t]})" for t in TASKS)
+    print(f"| gate | {head} | prefill / base | decode tokens/s | decode cost / base |")
+    print("|---|" + "---:|" * (len(TASKS) + 3))
     for name, per_task in losses.items():
+        p, d = cost[name]
         cells = []
         for t in TASKS:
             s, c = per_task[t]
@@ -74,6 +93,7 @@ def score(work: Path, heldout: Path, gates: dict[str, Path]) -> None:
             rel = loss / float(ref[t][0].sum() / ref[t][1].sum()) - 1
             diff = f" ({rel:+.1%}; {paired(ref[t], per_task[t])})" if per_task is not ref else ""
             cells.append(f"{loss:.3f}{diff}")
+        cells += [f"{p / pb:.2f}", f"{d:.1f}", f"{db / d:.2f}"]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
