@@ -241,6 +241,7 @@ def iter_generate(
     step costs what the base model's does. The original weights come back when the generator ends
     or is closed; until then the model refuses other calls (close a generator you stop early).
     """
+    model._check_not_merged()  # another generator holds merged weights: even the base path would see them
     opts = with_model_defaults(model, options or SamplingOptions())
     opts.validate()
     model.config.validate(model.n_experts)  # fields assigned directly (not through the setters) too
