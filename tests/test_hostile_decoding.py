@@ -125,3 +125,33 @@ def test_unload_is_refused_while_a_generation_holds_the_merge(tiny) -> None:
     base = model.unload()
     after = base.state_dict()
     assert all(torch.equal(v, after[k.replace(".base_layer", "")]) for k, v in before.items())
+
+
+def test_a_weight_shared_by_two_adapted_layers_is_not_merged_and_comes_back_exactly(tiny) -> None:
+    """Two adapted linears on one weight tensor (block sharing, as in Zamba-style models): merging
+    would add both layers' deltas to both, and restoring in forward order left the first merge in."""
+    base_dir, experts = tiny
+    base = load_base(base_dir)
+    layers = base.model.layers
+    layers[1].self_attn.q_proj.weight = layers[0].self_attn.q_proj.weight
+    original = layers[0].self_attn.q_proj.weight.detach().clone()
+    model = sharpen(XLoraModel.from_experts(base, experts, XLoraConfig(layerwise_scalings=True)), seed=2)
+    s = torch.rand(model.n_layers, model.n_experts, generator=torch.Generator().manual_seed(0))
+    x = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with model.apply_scalings(s[None, None].expand(1, 5, -1, -1)):
+            fused = model.base(input_ids=x).logits
+        with merged_experts(model, s):
+            merged = model.base(input_ids=x).logits
+    assert torch.allclose(merged, fused, atol=1e-5)
+    assert torch.equal(layers[0].self_attn.q_proj.base_layer.weight, original)
+
+
+def test_images_given_to_a_text_only_base_are_refused(tiny) -> None:
+    """A plain causal LM ignores `pixel_values` (its forward swallows **kwargs): the answer would be
+    produced without the image the caller believes it saw."""
+    model = build(tiny)
+    with pytest.raises(ValueError, match="pixel_values.*text-only"):
+        model.generate(PROMPT, max_new_tokens=2, pixel_values=torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="pixel_values.*text-only"):
+        next(iter_generate(model, PROMPT, None, OPTS, images={"pixel_values": torch.randn(1, 3, 8, 8)}))
