@@ -263,6 +263,7 @@ def iter_generate(
     step_ids, last_scalings = ids, None
     merged = contextlib.ExitStack()  # holds the merged weights, if any, until the generator ends
     images = multimodal.shared_inputs(model.base, ids, images or {})
+    multimodal.check_vision_base(model.base, images)
     images = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in images.items()}
     prompt_pos, rope_delta = multimodal.prompt_positions(model.base, ids, mask, images)  # [B, T] or [3, B, T]
 
