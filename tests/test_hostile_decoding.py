@@ -155,3 +155,19 @@ def test_images_given_to_a_text_only_base_are_refused(tiny) -> None:
         model.generate(PROMPT, max_new_tokens=2, pixel_values=torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match="pixel_values.*text-only"):
         next(iter_generate(model, PROMPT, None, OPTS, images={"pixel_values": torch.randn(1, 3, 8, 8)}))
+
+
+def test_gate_setters_are_refused_while_a_generation_holds_the_merge(tiny) -> None:
+    """The fused path re-reads top_k / global_scaling_weight every step; merged weights were built
+    with the old values. Changing them mid-generation must be refused, not half-applied."""
+    model = build(tiny)
+    suspended = iter_generate(model, PROMPT, None, OPTS, reuse_scalings_after=1)
+    for _ in range(4):
+        next(suspended)
+    with pytest.raises(RuntimeError, match="merged"):
+        model.set_global_scaling_weight(0.5)
+    with pytest.raises(RuntimeError, match="merged"):
+        model.set_topk_lora(1)
+    assert model.config.global_scaling_weight == 1.0 and model.config.top_k_lora is None
+    suspended.close()
+    model.set_topk_lora(1)

@@ -353,7 +353,9 @@ class XLoraModel(nn.Module):
         return self.scalings_log.flush(path, self.expert_names, self.module_names)
 
     def _set_config(self, method: str, field: str, value: object) -> None:
-        """Set one config field, or leave the config untouched and raise a ValueError naming `method`."""
+        """Set one config field, or leave the config untouched and raise a ValueError naming `method`
+        (a RuntimeError while a generation holds merged weights built with the current value)."""
+        self._check_not_merged()
         old = getattr(self.config, field)
         setattr(self.config, field, value)
         try:
