@@ -103,9 +103,10 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True, help="The reproduce work folder (its data/ is used).")
     p.add_argument("--k", type=int, nargs="+", default=[8, 15, 22])
     p.add_argument("--no-norm", type=int, nargs="*", default=[], help="Also train these k without the final norm.")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--heldout", type=Path, help="Folder with <task>-eval-chat.jsonl (default WORK/data).")
     a = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     todo = [(k, True) for k in a.k] + [(k, False) for k in a.no_norm]
     if a.action == "train":
         for k, norm in todo:

@@ -19,9 +19,16 @@ from .config import XLoraConfig, XLoraConfigError
 def decoder_layer_list(decoder: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     """The decoder's stack of transformer blocks as (owner, attribute name, ModuleList).
 
-    Looks for `layers` on the decoder or on its `language_model` (vision-language models), then for
-    any ModuleList as long as the config's `num_hidden_layers`."""
-    owners = [decoder, getattr(decoder, "language_model", None), getattr(decoder, "model", None)]
+    Looks for `layers` on the model's own decoder (`get_decoder()`: a vision-language model's language
+    model, e.g. Idefics3's `text_model`), on the decoder or its `language_model` / `model`, then for
+    any ModuleList outside a vision tower as long as the config's `num_hidden_layers`."""
+    get_decoder = getattr(decoder, "get_decoder", None)
+    try:
+        inner = get_decoder() if callable(get_decoder) else None
+    except Exception:  # noqa: BLE001 - exotic models raise here: fall back to the attribute search
+        inner = None
+    owners = [inner if isinstance(inner, nn.Module) else None, decoder]
+    owners += [getattr(decoder, "language_model", None), getattr(decoder, "model", None)]
     for owner in owners:
         if owner is not None and isinstance(getattr(owner, "layers", None), nn.ModuleList):
             return owner, "layers", owner.layers
@@ -29,7 +36,7 @@ def decoder_layer_list(decoder: nn.Module) -> tuple[nn.Module, str, nn.ModuleLis
     text = getattr(config, "text_config", None) or config
     n = getattr(text, "num_hidden_layers", None)
     for name, module in decoder.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n and name:
+        if isinstance(module, nn.ModuleList) and len(module) == n and name and not _in_vision_tower(name):
             parent_name, _, attr = name.rpartition(".")
             return decoder.get_submodule(parent_name) if parent_name else decoder, attr, module
     raise ValueError(
@@ -38,9 +45,15 @@ def decoder_layer_list(decoder: nn.Module) -> tuple[nn.Module, str, nn.ModuleLis
     )
 
 
+def _in_vision_tower(name: str) -> bool:
+    """A dotted module name inside a vision tower (`vision_model...`, `visual...`)."""
+    return any(part.startswith(("vision", "visual")) for part in name.split("."))
+
+
 def final_norm(owner: nn.Module) -> tuple[nn.Module, str] | None:
-    """The final norm applied after the last block (`norm`, `final_layernorm`, `ln_f`), or None."""
-    for attr in ("norm", "final_layernorm", "ln_f"):
+    """The final norm applied after the last block (`norm`, `final_layernorm`, `final_layer_norm`,
+    `ln_f`), or None."""
+    for attr in ("norm", "final_layernorm", "final_layer_norm", "ln_f"):
         if isinstance(getattr(owner, attr, None), nn.Module):
             return owner, attr
     return None
@@ -77,6 +90,11 @@ def truncated_decoder(decoder: nn.Module, k: int | None, norm: bool = True) -> I
     if not 1 <= k <= len(layers):
         raise ValueError(f"XLoraConfig.scaling_pass_layers: expected 1..{len(layers)} (the decoder's layers), got {k}")
     norm_slot = None if norm else final_norm(owner)
+    if not norm and norm_slot is None:
+        raise ValueError(
+            f"XLoraConfig.scaling_pass_norm: cannot find the final norm of {type(owner).__name__} to skip "
+            "(expected norm, final_layernorm, final_layer_norm or ln_f); use scaling_pass_norm=True"
+        )
     saved_norm = getattr(*norm_slot) if norm_slot else None
     owner._modules[attr] = layers[:k]  # a new ModuleList of the same blocks
     if norm_slot:

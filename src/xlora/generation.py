@@ -241,6 +241,7 @@ def iter_generate(
     step costs what the base model's does. The original weights come back when the generator ends
     or is closed; until then the model refuses other calls (close a generator you stop early).
     """
+    model._check_not_merged()  # another generator holds merged weights: even the base path would see them
     opts = with_model_defaults(model, options or SamplingOptions())
     opts.validate()
     model.config.validate(model.n_experts)  # fields assigned directly (not through the setters) too
@@ -262,6 +263,7 @@ def iter_generate(
     step_ids, last_scalings = ids, None
     merged = contextlib.ExitStack()  # holds the merged weights, if any, until the generator ends
     images = multimodal.shared_inputs(model.base, ids, images or {})
+    multimodal.check_vision_base(model.base, images)
     images = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in images.items()}
     prompt_pos, rope_delta = multimodal.prompt_positions(model.base, ids, mask, images)  # [B, T] or [3, B, T]
 

@@ -32,9 +32,16 @@ def mergeable(layer: nn.Module, shared: set[int]) -> bool:
 
 
 def _shared_storage(model: XLoraModel) -> set[int]:
-    """Data pointer of the input embedding, which many models tie to an (adapted) lm_head."""
+    """Data pointers of weights used elsewhere: the input embedding (many models tie it to an adapted
+    lm_head) and any weight two adapted layers share (merging would add both deltas to both)."""
     w = getattr(model.base.get_input_embeddings(), "weight", None)
-    return set() if w is None else {w.data_ptr()}
+    shared = set() if w is None else {w.data_ptr()}
+    seen: set[int] = set()
+    for layer in model.xlora_layers:
+        ptr = getattr(getattr(layer.base_layer, "weight", None), "data_ptr", lambda: None)()
+        if ptr is not None:
+            (shared if ptr in seen else seen).add(ptr)
+    return shared
 
 
 def row_scalings_if_shared(scalings: torch.Tensor) -> torch.Tensor | None:
@@ -49,7 +56,7 @@ def merged_experts(model: XLoraModel, scalings: torch.Tensor) -> Iterator[None]:
     `[L, N]` (top-k applied here) and the model's coefficients are set so that merged layers add
     nothing and the others (quantized, tied) still add their experts. On exit every weight tensor is
     the original object again (exact, no subtraction)."""
-    coef = model._coef(select_topk(scalings[None, None].to(model.row_scale.dtype), model.config))
+    coef = model._coef(select_topk(scalings[None, None], model.config))  # top-k before any cast, as fused
     shared = _shared_storage(model)
     saved: list[tuple[nn.Parameter, torch.Tensor]] = []
     per_layer: list[torch.Tensor | None] | None = None  # None: global weight 0, the plain base model
@@ -74,5 +81,5 @@ def merged_experts(model: XLoraModel, scalings: torch.Tensor) -> Iterator[None]:
             finally:
                 model._merged = False
     finally:
-        for w, original in saved:
+        for w, original in reversed(saved):
             w.data = original

@@ -171,6 +171,7 @@ class XLoraModel(ScalingsAPI, nn.Module):
 
     def unload(self) -> nn.Module:
         """Put the original linear layers back and return the plain base model."""
+        self._check_not_merged()  # else the returned weights would include the experts
         for name, layer in zip(self.module_names, self._layers):
             _set_submodule(self.base, name, layer.base_layer)
         self._layers = []

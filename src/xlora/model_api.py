@@ -28,6 +28,9 @@ class ScalingsAPI:
     expert_names: list[str]
     module_names: list[str]
 
+    def _check_not_merged(self) -> None:  # XLoraModel's: refuses while a generation holds merged weights
+        raise NotImplementedError
+
     def get_latest_scalings(self) -> torch.Tensor | None:
         """Scalings `[B, T, L, N]` of the latest classifier call (before top-k), or None."""
         return self._latest_scalings
@@ -54,7 +57,9 @@ class ScalingsAPI:
         return self.scalings_log.flush(path, self.expert_names, self.module_names)
 
     def _set_config(self, method: str, field: str, value: object) -> None:
-        """Set one config field, or leave the config untouched and raise a ValueError naming `method`."""
+        """Set one config field, or leave the config untouched and raise a ValueError naming `method`
+        (a RuntimeError while a generation holds merged weights built with the current value)."""
+        self._check_not_merged()
         old = getattr(self.config, field)
         setattr(self.config, field, value)
         try:

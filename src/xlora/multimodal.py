@@ -112,6 +112,16 @@ def check_image_keywords(names: Any) -> None:
         )
 
 
+def check_vision_base(base: nn.Module, shared: dict[str, Any]) -> None:
+    """Image inputs on a text-only base would be dropped silently (its forward swallows keywords):
+    refuse them with an error naming the inputs."""
+    if shared and language_model_name(base) is None:
+        raise ValueError(
+            f"generate: {', '.join(sorted(shared))}: {type(base).__name__} is a text-only base model; "
+            "image inputs need a vision-language base (Qwen2-VL, Idefics3)"
+        )
+
+
 def token_types(base: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """`[B, T]` int: 1 where `input_ids` is the image placeholder, 2 the video one, else 0."""
     types = torch.zeros_like(input_ids, dtype=torch.int)
