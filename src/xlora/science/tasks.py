@@ -177,7 +177,11 @@ def outcomes(
             "charge_parsed_rate": [float(x is not None) for x in charge_err],
             "design_satisfied_rate": sat,
         }
-    raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+    if task == "composite":
+        from .composite import composite_outcomes
+
+        return composite_outcomes(items, answers)
+    raise ValueError(f"unknown task {task!r}; tasks are {TASKS} and composite")
 
 
 def score(task: str, items: list[Item], answers: list[str], train_smiles: set[str] | None = None) -> dict:
