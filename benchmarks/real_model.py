@@ -205,18 +205,24 @@ def main() -> None:
         rows.append((dtype, name, NEW / timed(lambda m=early, i=ids: ours(m, i), a.runs), loss))
         early.unload()
 
-    rates = {} if a.no_mistralrs else mistralrs_rates(PROMPT)
     print(f"SmolLM2-135M-Instruct, {a.threads} threads, batch 1, {NEW} greedy tokens, median of {a.runs} runs\n")
     tasks = list(rows[-1][3] or rows[2][3] or {})
-    ratio_head = " | / mistral.rs fp32 |" if rates else ""
-    print("| dtype | mode | tokens/s | " + " | ".join(f"{t} loss" for t in tasks) + ratio_head)
-    print("|---|---|---:|" + "---:|" * len(tasks) + ("---:|" if rates else ""))
+    print("| dtype | mode | tokens/s | " + " | ".join(f"{t} loss" for t in tasks) + " |")
+    print("|---|---|---:|" + "---:|" * len(tasks))
     for dtype, name, rate, loss in rows:
         cells = [f"{loss[t]:.3f}" if loss else "-" for t in tasks]
-        ratio = [f"{rate / rates['fp32']:.2f}"] if rates else []
-        print(f"| {dtype} | {name} | {rate:.1f} | " + " | ".join([*cells, *ratio]) + " |")
+        print(f"| {dtype} | {name} | {rate:.1f} | " + " | ".join(cells) + " |")
+    sys.stdout.flush()
+    try:
+        rates = {} if a.no_mistralrs else mistralrs_rates(PROMPT)
+    except Exception as e:  # noqa: BLE001 - the peer is optional: report and keep our figures
+        print(f"\nmistral.rs failed: {type(e).__name__}: {e}")
+        rates = {}
     for name, rate in rates.items():
-        print(f"| mistral.rs 0.9.5 plain base | {name} | {rate:.1f} |")
+        print(f"\nmistral.rs 0.9.5 plain base, {name}: {rate:.1f} tokens/s (same prompt, {NEW} tokens)")
+        for dtype, mode, ours_rate, _ in rows:
+            if mode.startswith("X-LoRA"):
+                print(f"  {dtype} {mode}: {ours_rate / rate:.2f} x its speed")
     print("\ngoal: X-LoRA with per-token routing >= 17 tokens/s (mistral.rs plain fp32 here), within 2x of its Q8_0")
 
 

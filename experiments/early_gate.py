@@ -52,7 +52,7 @@ def train(work: Path, k: int, norm: bool) -> Path:
     return out
 
 
-def score(work: Path, heldout: Path, gates: dict[str, Path]) -> None:
+def score(heldout: Path, gates: dict[str, Path], limit: int | None = None, runs: int = 3) -> None:
     from quantized_routing import paired
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -68,14 +68,14 @@ def score(work: Path, heldout: Path, gates: dict[str, Path]) -> None:
     cost: dict[str, tuple[float, float]] = {}  # name -> (prefill s of 256 tokens, decode tokens/s)
     for name, path in rows.items():
         model = XLoraModel.from_pretrained(base, path)
-        losses[name] = {t: item_losses(model, tok, heldout / f"{t}-eval-chat.jsonl") for t in TASKS}
+        losses[name] = {t: item_losses(model, tok, heldout / f"{t}-eval-chat.jsonl", limit=limit) for t in TASKS}
         with torch.no_grad():
-            prefill = timed(lambda m=model: m(input_ids=long_ids), 3)
-        cost[name] = (prefill, NEW / timed(lambda m=model: ours(m, ids), 3))
+            prefill = timed(lambda m=model: m(input_ids=long_ids), runs)
+        cost[name] = (prefill, NEW / timed(lambda m=model: ours(m, ids), runs))
         if name == "full (k=30, shipped)":
             with torch.no_grad(), model.disable_experts():
-                cost["plain base"] = (timed(lambda m=model: m(input_ids=long_ids), 3), 0.0)
-            cost["plain base"] = (cost["plain base"][0], NEW / timed(lambda m=model: ours(m, ids, disabled=True), 3))
+                cost["plain base"] = (timed(lambda m=model: m(input_ids=long_ids), runs), 0.0)
+            cost["plain base"] = (cost["plain base"][0], NEW / timed(lambda m=model: ours(m, ids, disabled=True), runs))
         base = model.unload()
     ref = losses["full (k=30, shipped)"]
     n = {t: len(ref[t][0]) for t in TASKS}
@@ -104,6 +104,8 @@ def main() -> None:
     p.add_argument("--k", type=int, nargs="+", default=[8, 15, 22])
     p.add_argument("--no-norm", type=int, nargs="*", default=[], help="Also train these k without the final norm.")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--limit", type=int, help="score: only the first N held-out items per task (a quick look)")
+    p.add_argument("--runs", type=int, default=3, help="score: timed runs per gate (median)")
     p.add_argument("--heldout", type=Path, help="Folder with <task>-eval-chat.jsonl (default WORK/data).")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -113,7 +115,7 @@ def main() -> None:
             train(a.work, k, norm)
         return
     gates = {f"k={k}" + ("" if norm else " raw"): gate_dir(a.work, k, norm) for k, norm in todo}
-    score(a.work, a.heldout or a.work / "data", gates)
+    score(a.heldout or a.work / "data", gates, a.limit, a.runs)
 
 
 if __name__ == "__main__":
