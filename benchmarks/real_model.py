@@ -15,7 +15,6 @@ reuse modes are scored by teacher forcing with the scalings frozen as generation
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from contextlib import ExitStack
@@ -23,19 +22,12 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import median_time as timed  # noqa: E402  (median after one warm-up call)
+
 PROMPT = "Peptide GLFDIVKKVVGALGSL. Is it antimicrobial, and what is its net charge at pH 7?"
 NEW = 128
 REUSE = 4
-
-
-def timed(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def ours(model, ids, reuse=None, merge=True, disabled=False):
