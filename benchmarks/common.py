@@ -55,6 +55,33 @@ def make_experts(base_dir: Path, root: Path, n: int = 8, rank: int = 16) -> dict
     return out
 
 
+def paired_times(
+    fns: dict[str, Callable[[], object]], reference: str, runs: int = 5, warmup: int = 1
+) -> dict[str, tuple[float, float, float, float]]:
+    """Time every function once per round, rounds in rotating order, and return per name the median
+    wall time, and the median, min and max over rounds of its time / `reference`'s in the same round.
+
+    Pairing makes the ratios robust to this shared machine's drifting speed (the same matmul runs
+    at 95-150 GFLOPS from one minute to the next): both sides of a ratio see the same minute."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(runs):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    ref = times[reference]
+    out = {}
+    for name, ts in times.items():
+        ratios = [t / b for t, b in zip(ts, ref)]
+        out[name] = (statistics.median(ts), statistics.median(ratios), min(ratios), max(ratios))
+    return out
+
+
 def median_time(fn: Callable[[], object], runs: int = 5, warmup: int = 1) -> float:
     """Median wall time in seconds over `runs` calls after `warmup` calls."""
     for _ in range(warmup):

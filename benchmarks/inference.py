@@ -3,8 +3,8 @@
     python benchmarks/inference.py [--runs 5] [--skip-peft-long]
 
 Tiny Llama (hidden 512, 8 layers, vocab 32000), 8 experts of rank 16 on q,k,v,o,gate,up,down,
-depth-2 layerwise classifier, fp32, 2 threads; every figure is the median of >= 5 runs, measured
-side by side in one process. Prints a markdown table (copied into the README).
+depth-2 layerwise classifier, fp32, 2 threads; every workload and the base run in alternating rounds
+(`paired_times`), ratios are medians of same-round ratios. Prints a markdown table (copied into the README).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import load, make_experts, median_time, tiny_llama  # noqa: E402
+from common import load, make_experts, median_time, paired_times, tiny_llama  # noqa: E402
 
 from xlora import XLoraConfig, XLoraModel  # noqa: E402
 
@@ -85,49 +85,61 @@ def main() -> None:
     # correctness first: ours and PEFT agree on the greedy tokens
     same = torch.equal(ours.generate(prompt, max_new_tokens=64, eos_token_id=[]), gen_peft(64))
 
-    with torch.no_grad():
-        t_base_prefill = median_time(lambda: base(input_ids=long_ids), args.runs)
-        t_ours_prefill = median_time(lambda: ours(input_ids=long_ids), args.runs)
-        t_peft_prefill = median_time(lambda: peft_model(input_ids=long_ids), args.runs)
-    t_base_64 = median_time(lambda: gen_base(64), args.runs)
-    t_ours_64 = median_time(lambda: gen_ours(64), args.runs)
-    t_reuse_64 = median_time(lambda: gen_ours(64, reuse=4, merge=False), args.runs)
-    t_merge_64 = median_time(lambda: gen_ours(64, reuse=4), args.runs)
-    with torch.no_grad():
-        t_early_prefill = median_time(early(lambda: ours(input_ids=long_ids)), args.runs)
-    t_early_64 = median_time(early(lambda: gen_ours(64)), args.runs)
-    t_peft_64 = median_time(lambda: gen_peft(64), args.runs, warmup=0)
-    t_base_256 = median_time(lambda: gen_base(256), args.runs)
-    t_ours_256 = median_time(lambda: gen_ours(256), args.runs)
+    def nograd(fn):
+        def run():
+            with torch.no_grad():
+                return fn()
+
+        return run
+
+    prefill = paired_times(
+        {
+            "base": nograd(lambda: base(input_ids=long_ids)),
+            "ours": nograd(lambda: ours(input_ids=long_ids)),
+            "peft": nograd(lambda: peft_model(input_ids=long_ids)),
+            "early": nograd(early(lambda: ours(input_ids=long_ids))),
+        },
+        "base",
+        args.runs,
+    )
+    greedy = paired_times(
+        {
+            "base": lambda: gen_base(64),
+            "ours": lambda: gen_ours(64),
+            "reuse": lambda: gen_ours(64, reuse=4, merge=False),
+            "merge": lambda: gen_ours(64, reuse=4),
+            "early": early(lambda: gen_ours(64)),
+        },
+        "base",
+        args.runs,
+    )
+    t_peft_64 = median_time(lambda: gen_peft(64), max(1, args.runs // 2), warmup=0)  # ~20 s a call
+    long = paired_times({"base": lambda: gen_base(256), "ours": lambda: gen_ours(256)}, "base", args.runs)
 
     rows = [
-        ("prefill 1x256", t_base_prefill, t_ours_prefill, t_peft_prefill),
-        ("greedy 32 + 64 new", t_base_64, t_ours_64, t_peft_64),
-        ("greedy 32 + 64 new, reuse_scalings_after=4 (fused, merge=False)", t_base_64, t_reuse_64, None),
-        ("greedy 32 + 64 new, reuse_scalings_after=4 + merged decoding", t_base_64, t_merge_64, None),
-        ("prefill 1x256, early gate k = L/2", t_base_prefill, t_early_prefill, None),
-        ("greedy 32 + 64 new, early gate k = L/2", t_base_64, t_early_64, None),
-        ("greedy 32 + 256 new", t_base_256, t_ours_256, None),
+        ("prefill 1x256", prefill["base"], prefill["ours"], prefill["peft"][0]),
+        ("greedy 32 + 64 new", greedy["base"], greedy["ours"], t_peft_64),
+        ("greedy 32 + 64 new, reuse_scalings_after=4 (fused, merge=False)", greedy["base"], greedy["reuse"], None),
+        ("greedy 32 + 64 new, reuse_scalings_after=4 + merged decoding", greedy["base"], greedy["merge"], None),
+        ("prefill 1x256, early gate k = L/2", prefill["base"], prefill["early"], None),
+        ("greedy 32 + 64 new, early gate k = L/2", greedy["base"], greedy["early"], None),
+        ("greedy 32 + 256 new", long["base"], long["ours"], None),
     ]
     print(
-        f"torch {torch.__version__}, {args.threads} threads, median of {args.runs} runs; "
-        f"greedy tokens ours == PEFT: {same}\n"
+        f"torch {torch.__version__}, {args.threads} threads, {args.runs} paired rounds (medians; ratios are "
+        f"medians of same-round ratios); greedy tokens ours == PEFT: {same}\n"
     )
-    print("| workload | base (ms) | ours (ms) | PEFT (ms) | ours / base | PEFT / base | PEFT / ours |")
+    print("| workload | base (ms) | ours (ms) | PEFT (ms) | ours / base [min, max] | PEFT / base | PEFT / ours |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, tb, to, tp in rows:
-        peft_cols = (
-            (f"{tp * 1e3:.0f} | - | -" if tp is None else f"{tp * 1e3:.0f} | {tp / tb:.2f} | {tp / to:.1f}")
-            if tp
-            else "- | - | -"
+    for name, (tb, *_), (to, ratio, lo, hi), tp in rows:
+        peft, peft_base, peft_ours = (
+            ("-", "-", "-") if tp is None else (f"{tp * 1e3:.0f}", f"{tp / tb:.2f}", f"{tp / to:.1f}")
         )
-        print(
-            f"| {name} | {tb * 1e3:.0f} | {to * 1e3:.0f} | {peft_cols.split(' | ')[0]} | {to / tb:.2f} | "
-            + " | ".join(peft_cols.split(" | ")[1:])
-            + " |"
-        )
-    per_tok_64 = (t_ours_64 - t_ours_prefill * 32 / 256) / 64
-    per_tok_256 = (t_ours_256 - t_ours_prefill * 32 / 256) / 256
+        ratio_cell = f"{ratio:.2f} [{lo:.2f}, {hi:.2f}]"
+        print(f"| {name} | {tb * 1e3:.0f} | {to * 1e3:.0f} | {peft} | {ratio_cell} | {peft_base} | {peft_ours} |")
+    t_ours_prefill = prefill["ours"][0]
+    per_tok_64 = (greedy["ours"][0] - t_ours_prefill * 32 / 256) / 64
+    per_tok_256 = (long["ours"][0] - t_ours_prefill * 32 / 256) / 256
     print(
         f"\nour time per new token: {per_tok_64 * 1e3:.2f} ms over 64 tokens, {per_tok_256 * 1e3:.2f} ms over 256 "
         "(flat = linear total cost)"

@@ -87,6 +87,14 @@ def held_out_loss(model, tok, data: Path, reuse: int | None = None, limit: int |
     return out
 
 
+def expert_dirs(checkpoint: Path) -> dict[str, Path]:
+    """The expert folders of a native checkpoint, by the names its config lists."""
+    import json
+
+    names = json.loads((checkpoint / "xlora_config.json").read_text())["adapters"]
+    return {n: checkpoint / n for n in names}
+
+
 def mistralrs_copy(out: Path) -> Path:
     """A copy of the embedded base that mistral.rs 0.9.5 loads: `rope_theta` at the top of config.json,
     no `quantization_config`, and an explicit `lm_head.weight` (SmolLM2 ties it to the embedding)."""
@@ -187,7 +195,10 @@ def main() -> None:
             rows.append((dtype, name, rate, loss))
         plain = model.unload()
         if a.early_gate:
-            early = XLoraModel.from_pretrained(plain, a.early_gate)
+            # a gate folder of experiments/early-gates holds no experts: it was trained on the checkpoint's
+            ckpt = checkpoint_path(Path(a.checkpoint))
+            experts = None if any(a.early_gate.glob("*/adapter_config.json")) else expert_dirs(ckpt)
+            early = XLoraModel.from_pretrained(plain, a.early_gate, adapters=experts)
             name = f"X-LoRA early gate k={early.config.scaling_pass_layers}"
             loss = held_out_loss(early, tok, a.data, limit=a.limit) if a.data else None
         else:

@@ -44,6 +44,15 @@ def _shared_storage(model: XLoraModel) -> set[int]:
     return shared
 
 
+def _merged_weight(w: torch.Tensor, b_scaled: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """A new tensor `w + b_scaled @ a` (`[out, in]`); one fused GEMM when dtypes and devices agree,
+    since the merge's GEMM is most of what merged decoding costs."""
+    if b_scaled.dtype == w.dtype and b_scaled.device == w.device and w.is_contiguous():
+        return torch.addmm(w, b_scaled, a)  # [out, R] x [R, in] accumulated onto w
+    delta = b_scaled @ a  # [out, R] x [R, in], in the experts' dtype
+    return (w + delta.to(w.device, w.dtype)).contiguous()
+
+
 def row_scalings_if_shared(scalings: torch.Tensor) -> torch.Tensor | None:
     """`[b, L, N]` -> the one `[L, N]` every row uses, or None when rows differ."""
     first = scalings[0]
@@ -70,9 +79,8 @@ def merged_experts(model: XLoraModel, scalings: torch.Tensor) -> Iterator[None]:
                         per_layer.append(c)  # this layer keeps the fused path
                         continue
                     w = layer.base_layer.weight
-                    delta = (layer.lora_B * c.to(layer.lora_B.dtype)) @ layer.lora_A  # [out, R] x [R, in]
                     saved.append((w, w.data))
-                    w.data = (w.data + delta.to(w.device, w.dtype)).contiguous()
+                    w.data = _merged_weight(w.data, layer.lora_B * c.to(layer.lora_B.dtype), layer.lora_A)
                     per_layer.append(None)
         with model._coefficients(per_layer):
             model._merged = True
