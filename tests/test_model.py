@@ -200,6 +200,19 @@ def test_setters_refuse_non_finite_and_out_of_range(model, padded_batch, call, m
         assert torch.equal(model(input_ids=ids).logits, ref)
 
 
+def test_mask_applies_to_static_scalings(tiny, padded_batch):
+    """Masking an expert under static weights = the same static weights with that expert at 0."""
+    base_dir, experts = tiny
+    m = XLoraModel.from_experts(load_base(base_dir), experts)
+    ids, mask = padded_batch
+    with torch.no_grad():
+        with m.static_scalings([0.0, 0.5, 0.0]):
+            expected = m(input_ids=ids, attention_mask=mask).logits
+        with m.static_scalings([0.3, 0.5, 0.7]), m.mask_experts(["chem", "cot"]):
+            got = m(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
 def test_static_scalings_refuse_nan_and_wrong_layer_count(model):
     with pytest.raises(ValueError, match="must be finite"):
         with model.static_scalings([float("nan"), 0.5, 0.5]):

@@ -1,4 +1,4 @@
-"""`xlora reproduce`, `xlora demo`, `xlora eval`, `xlora plot-scalings`: the science pipeline."""
+"""`xlora reproduce`, `xlora demo`, `xlora eval`, `xlora plot-scalings`, `xlora agents`: the science pipeline."""
 
 from __future__ import annotations
 
@@ -222,3 +222,70 @@ def plot_scalings(
         _fail(str(e))
         return
     out.print("figures: " + ", ".join(str(p) for p in paths), soft_wrap=True, highlight=False)
+
+
+def _expert_list(value: str, option: str) -> list[str] | None:
+    """`all` -> None (every expert), `none` -> [] (the plain base), else comma-separated names."""
+    if value.strip().lower() == "all":
+        return None
+    if value.strip().lower() == "none":
+        return []
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        _fail(f"{option}: expected 'all', 'none' or comma-separated expert names, got {value!r}")
+    return names
+
+
+@app.command()
+def agents(
+    topic: Annotated[str, typer.Option(help="What the two instances talk about.")],
+    turns: Annotated[int, typer.Option(help="Rounds of question, answer, triples, critique.")] = 3,
+    checkpoint: Annotated[Path, typer.Option(help="An X-LoRA checkpoint ('shipped': the science one).")] = Path(
+        "shipped"
+    ),
+    out_dir: Annotated[Path, typer.Option("--out", help="Where transcript, triples and graph go.")] = Path(
+        "xlora-agents"
+    ),
+    asker_experts: Annotated[str, typer.Option(help="The questioner's experts: all, none (base) or names.")] = "none",
+    answerer_experts: Annotated[str, typer.Option(help="The answerer's experts: all, none or names.")] = "all",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per utterance.")] = 64,
+    base: str = "default",
+    dtype: DtypeOption = "float32",
+) -> None:
+    """Two instances of one X-LoRA model in a bounded question/critique dialogue; the triples they
+    state become a knowledge graph (GraphML + PNG). A small-scale version of the paper's case study."""
+    from .base_models import load_base
+    from .model import XLoraModel
+    from .science.agents import AgentsConfig, run_dialogue, write_run
+
+    if turns < 1 or turns > 50:
+        _fail(f"--turns: expected 1 to 50 rounds, got {turns}")
+    if max_new_tokens < 1:
+        _fail(f"--max-new-tokens: expected a positive number, got {max_new_tokens}")
+    if not topic.strip():
+        _fail("--topic: expected a non-empty topic")
+    cfg = AgentsConfig(
+        topic.strip(),
+        turns,
+        max_new_tokens,
+        _expert_list(asker_experts, "--asker-experts"),
+        _expert_list(answerer_experts, "--answerer-experts"),
+    )
+    try:
+        model_base, tok = load_base(base, dtype=dtype)
+        model = XLoraModel.from_pretrained(model_base, checkpoint_path(checkpoint)).eval()
+        transcript, triples = run_dialogue(model, tok, cfg)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+        return
+    summary = write_run(out_dir, cfg, transcript, triples)
+    for u in transcript:
+        out.print(f"[turn {u['turn']} {u['speaker']} {u['kind']}] {u['text']}", soft_wrap=True, markup=False)
+    out.print(
+        f"\n{summary['triples_from_model']} triples in the model's own format, {summary['triples_from_rules']} by "
+        f"rules; graph of {summary['nodes']} concepts and {summary['edges']} relations: {out_dir}/graph.graphml, "
+        f"{out_dir}/graph.png",
+        soft_wrap=True,
+        highlight=False,
+        markup=False,
+    )

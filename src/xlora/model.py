@@ -261,7 +261,10 @@ class XLoraModel(ScalingsAPI, nn.Module):
             ref = inputs.get("input_ids")
             if ref is None:
                 ref = inputs["inputs_embeds"]
-            return self._static.to(self.device)[None, None].expand(ref.shape[0], ref.shape[1], -1, -1)
+            static = self._static.to(self.device)  # [L, N]
+            if self._expert_mask is not None:  # masked experts get 0 (no renormalising: the weights are the user's)
+                static = static * self._expert_mask.to(static.device, static.dtype)
+            return static[None, None].expand(ref.shape[0], ref.shape[1], -1, -1)
         return self.predict_scalings(self.scaling_pass(cache=cache, **inputs))
 
     @contextmanager
@@ -336,7 +339,8 @@ class XLoraModel(ScalingsAPI, nn.Module):
             self._experts_disabled = previous
 
     def mask_experts(self, names: str | Sequence[str] | None) -> _MaskHandle:
-        """Drop experts at inference: their scalings become 0 and the softmax renormalises over the rest.
+        """Drop experts at inference: their scalings become 0 and the softmax renormalises over the rest
+        (under `static_scalings` the masked experts' weights become 0, the others stay as given).
 
         `names` is one expert name (a str) or a list of names, each one of `expert_names` (else a
         ValueError lists the valid ones); `None` or an empty list removes the mask. Stays in effect

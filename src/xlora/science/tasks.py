@@ -181,7 +181,11 @@ def outcomes(
         from .composite import composite_outcomes
 
         return composite_outcomes(items, answers)
-    raise ValueError(f"unknown task {task!r}; tasks are {TASKS} and composite")
+    if task == "retention":
+        from .retention import retention_outcomes
+
+        return retention_outcomes(items, answers)
+    raise ValueError(f"unknown task {task!r}; tasks are {TASKS}, composite and retention")
 
 
 def score(task: str, items: list[Item], answers: list[str], train_smiles: set[str] | None = None) -> dict:
