@@ -43,7 +43,11 @@ DtypeOption = Annotated[
 ]
 QuantizeOption = Annotated[
     str | None,
-    typer.Option("--quantize", help="Load the base quantized with bitsandbytes: int8, nf4 or fp4 (xlora[quant])."),
+    typer.Option(
+        "--quantize",
+        help="Quantize the base: int8, nf4 or fp4 (bitsandbytes, xlora[quant]), or dynamic-int8 (PyTorch, CPU, "
+        "inference only: the fastest CPU decoding).",
+    ),
 ]
 
 SCALING_PASS_LAYERS = typer.Option(

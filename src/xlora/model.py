@@ -17,7 +17,7 @@ from .classifier import XLoraClassifier, select_topk
 from .config import XLoraConfig, XLoraConfigError
 from .early_gate import check_scaling_pass_layers, truncated_decoder
 from .experts import ExpertSpec, LoraExpert, load_experts, stack_module
-from .layers import ScalingsState, XLoraLinear, compute_dtype
+from .layers import ScalingsState, XLoraLinear, compute_dtype, weight_tensor
 from .model_api import ScalingsAPI
 from .multimodal import shared_inputs, text_config
 from .scalings_log import ScalingsLog
@@ -83,7 +83,7 @@ class XLoraModel(ScalingsAPI, nn.Module):
         gather, scales = [], []
         for index, name in enumerate(module_names):
             target = base.get_submodule(name)
-            w = target.weight
+            w = weight_tensor(target)
             # experts in a float compute dtype, never the int8/uint8 storage dtype of a quantized base
             stacked = stack_module(name, experts, dtype=compute_dtype(target, ref.dtype), device=w.device)
             layer = XLoraLinear(target, index, stacked, self.state, trainable=config.use_trainable_adapters)
@@ -100,7 +100,8 @@ class XLoraModel(ScalingsAPI, nn.Module):
         head = base.get_output_embeddings()
         if isinstance(head, XLoraLinear):  # an expert adapts lm_head itself
             head = head.base_layer
-        head_w = head.weight if head is not None else ref
+        head_w = weight_tensor(head) if head is not None else ref
+        head_w = ref if head_w is None else head_w
         float_dtype = head_w.dtype if head_w.is_floating_point() else ref.dtype
         self.classifier = XLoraClassifier(config, config.hidden_size, len(experts), len(layers)).to(
             device=head_w.device, dtype=classifier_dtype or float_dtype
