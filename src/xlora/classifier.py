@@ -58,13 +58,18 @@ class XLoraClassifier(nn.Module):
         return logits
 
 
-def select_topk(scalings: torch.Tensor, config: XLoraConfig) -> torch.Tensor:
+def select_topk(scalings: torch.Tensor, config: XLoraConfig, expert_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per module and token keep the top-k scalings; optionally re-normalise the kept non-zero ones.
 
     Matches PEFT: zero entries stay out of the softmax, so an all-zero row stays zero (not NaN).
+    `expert_mask` `[N]` (False = masked out): a masked expert (scaling 0) never takes a top-k place
+    from a kept one, even one with a negative scaling.
     """
     if config.top_k_lora is not None:
-        idx = torch.topk(scalings, k=config.top_k_lora, dim=-1).indices
+        ranked = scalings
+        if expert_mask is not None:
+            ranked = scalings.masked_fill(~expert_mask.to(scalings.device), float("-inf"))
+        idx = torch.topk(ranked, k=config.top_k_lora, dim=-1).indices
         keep = torch.zeros_like(scalings, dtype=torch.bool).scatter_(-1, idx, True)
         scalings = scalings * keep.to(scalings.dtype)
     if config.enable_softmax_topk:

@@ -251,12 +251,13 @@ def agents(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per utterance.")] = 64,
     base: str = "default",
     dtype: DtypeOption = "float32",
+    quantize: QuantizeOption = None,
 ) -> None:
     """Two instances of one X-LoRA model in a bounded question/critique dialogue; the triples they
     state become a knowledge graph (GraphML + PNG). A small-scale version of the paper's case study."""
     from .base_models import load_base
     from .model import XLoraModel
-    from .science.agents import AgentsConfig, run_dialogue, write_run
+    from .science.agents import AgentsConfig, check_out_dir, run_dialogue, write_run
 
     if turns < 1 or turns > 50:
         _fail(f"--turns: expected 1 to 50 rounds, got {turns}")
@@ -272,7 +273,8 @@ def agents(
         _expert_list(answerer_experts, "--answerer-experts"),
     )
     try:
-        model_base, tok = load_base(base, dtype=dtype)
+        check_out_dir(out_dir)  # before the dialogue: a bad --out must not cost the whole run
+        model_base, tok = load_base(base, dtype=dtype, quantization=quantize)
         model = XLoraModel.from_pretrained(model_base, checkpoint_path(checkpoint)).eval()
         transcript, triples = run_dialogue(model, tok, cfg)
     except (ValueError, FileNotFoundError, OSError) as e:

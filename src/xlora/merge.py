@@ -65,7 +65,9 @@ def merged_experts(model: XLoraModel, scalings: torch.Tensor) -> Iterator[None]:
     `[L, N]` (top-k applied here) and the model's coefficients are set so that merged layers add
     nothing and the others (quantized, tied) still add their experts. On exit every weight tensor is
     the original object again (exact, no subtraction)."""
-    coef = model._coef(select_topk(scalings[None, None], model.config))  # top-k before any cast, as fused
+    coef = model._coef(
+        select_topk(scalings[None, None], model.config, model._expert_mask)
+    )  # top-k before any cast, as fused
     shared = _shared_storage(model)
     saved: list[tuple[nn.Parameter, torch.Tensor]] = []
     per_layer: list[torch.Tensor | None] | None = None  # None: global weight 0, the plain base model

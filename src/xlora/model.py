@@ -170,6 +170,15 @@ class XLoraModel(ScalingsAPI, nn.Module):
         for p in self.classifier.parameters():
             p.requires_grad_(True)
 
+    def train(self, mode: bool = True) -> XLoraModel:
+        """nn.Module.train; refused on a 'dynamic-int8' base, whose int8 kernels have no gradients (a
+        Trainer or a hand-written loop would otherwise train on all-zero gradients without a word)."""
+        if mode:
+            from .train import refuse_dynamic_int8
+
+            refuse_dynamic_int8(self.base)
+        return super().train(mode)
+
     def unload(self) -> nn.Module:
         """Put the original linear layers back and return the plain base model."""
         self._check_not_merged()  # else the returned weights would include the experts
@@ -288,7 +297,7 @@ class XLoraModel(ScalingsAPI, nn.Module):
     @contextmanager
     def apply_scalings(self, scalings: torch.Tensor) -> Iterator[None]:
         """Inside, the adapted layers use `scalings` `[B, T, L, N]` (top-k applied here)."""
-        with self._coefficients(self._coef(select_topk(scalings, self.config))):
+        with self._coefficients(self._coef(select_topk(scalings, self.config, self._expert_mask))):
             yield
 
     # ------------------------------------------------------------------ forward

@@ -66,6 +66,17 @@ def _phrase(words: list[str]) -> str:
     return " ".join(cleaned[:_MAX_PHRASE_WORDS])
 
 
+def _relation(text: str) -> str:
+    """A model-written relation cleaned like the phrases (lower case, word characters, + and -): no
+    control characters (GraphML cannot hold them), no `$` (matplotlib would read it as math)."""
+    return " ".join(w for w in (re.sub(r"[^\w+\-]", "", w.lower()) for w in text.split()) if w)
+
+
+def _plain(text: str) -> str:
+    """Text for a matplotlib label as written: `$` would start mathtext (and fail on e.g. `$\\foo$`)."""
+    return text.replace("$", r"\$")
+
+
 def rule_triples(text: str) -> list[tuple[str, str, str]]:
     """(subject, relation, object) from each sentence with a relation verb: the words before the verb
     (back to a comma) and after it (up to a comma, 'and', 'which', 'that' or a sentence end)."""
@@ -90,7 +101,7 @@ def parse_triples(text: str) -> list[tuple[str, str, str]]:
         parts = [p.strip() for p in re.sub(r"^\s*(?:[-*]|\d+[.)])\s*", "", line).split("|")]
         if len(parts) != 3:
             continue
-        subject, relation, obj = _phrase(parts[0].split()), parts[1].lower().strip(" ."), _phrase(parts[2].split())
+        subject, relation, obj = _phrase(parts[0].split()), _relation(parts[1]), _phrase(parts[2].split())
         if subject and relation and obj:
             out.append((subject, relation, obj))
     return out
@@ -132,10 +143,11 @@ def write_graph(g, out: Path, title: str) -> None:
     if g.number_of_nodes():
         pos = nx.spring_layout(g, seed=0, k=1.2)
         nx.draw_networkx(g, pos, ax=ax, node_size=300, font_size=7, node_color="#9ecae1", arrowsize=10)
-        nx.draw_networkx_edge_labels(g, pos, nx.get_edge_attributes(g, "relation"), font_size=6, ax=ax)
+        labels = {edge: _plain(r) for edge, r in nx.get_edge_attributes(g, "relation").items()}
+        nx.draw_networkx_edge_labels(g, pos, labels, font_size=6, ax=ax)
     else:
         ax.text(0.5, 0.5, "no triples extracted", ha="center", va="center")
-    ax.set_title(title)
+    ax.set_title(_plain(title))
     ax.axis("off")
     fig.tight_layout()
     fig.savefig(out / "graph.png.tmp.png", dpi=120)
@@ -202,11 +214,15 @@ def run_dialogue(model, tok, cfg: AgentsConfig) -> tuple[list[dict], list[Triple
 
 
 def write_run(out: Path, cfg: AgentsConfig, transcript: list[dict], triples: list[Triple]) -> dict:
-    """transcript.md, triples.jsonl, graph.graphml, graph.png and summary.json in `out`; the summary."""
+    """transcript.md, triples.jsonl, graph.graphml, graph.png and summary.json in `out`; the summary.
+
+    The dialogue's own files come first and summary.json last (a previous run's is removed first), so
+    a failure part-way never leaves a summary beside files of another run."""
     from dataclasses import asdict
 
+    check_out_dir(out)
+    (out / "summary.json").unlink(missing_ok=True)
     g = build_graph(triples)
-    write_graph(g, out, f"{cfg.topic}: {g.number_of_nodes()} concepts, {g.number_of_edges()} relations")
     lines = [f"# {cfg.topic}: {cfg.turns} turns\n"]
     lines += [f"**turn {u['turn']}, {u['speaker']} ({u['kind']})**: {u['text']}\n" for u in transcript]
     summary = {
@@ -222,10 +238,29 @@ def write_run(out: Path, cfg: AgentsConfig, transcript: list[dict], triples: lis
     files = {
         "transcript.md": "\n".join(lines),
         "triples.jsonl": "".join(json.dumps(asdict(t)) + "\n" for t in triples),
-        "summary.json": json.dumps(summary, indent=1) + "\n",
     }
     for name, text in files.items():
-        tmp = out / f"{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
+        _write_text(out / name, text)
+    write_graph(g, out, f"{cfg.topic}: {g.number_of_nodes()} concepts, {g.number_of_edges()} relations")
+    _write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def check_out_dir(out: Path) -> None:
+    """`out` is (or can be made) a writable folder; checked before a dialogue, not after it."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: expected a folder for the agents' output, found a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{out}: the output folder is not writable")

@@ -61,8 +61,28 @@ def parse_integer(answer: str) -> int | None:
     return int(m.group(0).replace(",", "")) if m else None
 
 
+_ASKED = re.compile(r"What is (\d+) (?:plus|minus|times) (\d+)\?|How many \w+ are in (\d+) (\w+)\?")
+_OPERATOR = r"\s*(?:plus|\+|minus|-|\u2212|times|multiplied by|\*|x|\u00d7)\s*"
+
+
+def strip_restatement(prompt: str, answer: str) -> str:
+    """`answer` without its restatements of the question ("4 * 6 = 24" -> " = 24", "3 kilograms is
+    3000 grams" -> " is 3000 grams"): small models open with the question's own numbers, which are not
+    their answer. A prompt not in the generated form leaves the answer as it is."""
+    m = _ASKED.match(prompt)
+    if m is None:
+        return answer
+    if m.group(1) is not None:
+        echo = rf"(?<![\d.]){m.group(1)}{_OPERATOR}{m.group(2)}(?![\d.])"
+    else:
+        unit = re.escape(m.group(4).removesuffix("s"))
+        echo = rf"(?<![\d.]){m.group(3)}\s*{unit}s?\b"
+    return re.sub(echo, " ", answer, flags=re.IGNORECASE)
+
+
 def retention_outcomes(items: list[Item], answers: list[str]) -> dict[str, list[float | None]]:
-    """Per item: right (0/1: the first integer of the answer is the answer) and whether one parsed."""
+    """Per item: right (0/1: the first integer of the answer, after any restatement of the question's
+    numbers is dropped, is the answer) and whether one parsed."""
     if len(items) != len(answers):
         raise ValueError(f"retention: {len(items)} items but {len(answers)} answers")
     right: list[float | None] = []
@@ -70,7 +90,7 @@ def retention_outcomes(items: list[Item], answers: list[str]) -> dict[str, list[
     for n, (it, a) in enumerate(zip(items, answers), start=1):
         if not isinstance(it.meta.get("answer"), int):
             raise ValueError(f"retention item {n}: its meta needs an integer 'answer', got {it.meta.get('answer')!r}")
-        got = parse_integer(a)
+        got = parse_integer(strip_restatement(it.prompt, a))
         right.append(float(got == it.meta["answer"]))
         parsed.append(float(got is not None))
     return {"correct_rate": right, "parsed_rate": parsed}
