@@ -3,8 +3,7 @@
     python benchmarks/real_model.py [--checkpoint shipped] [--early-gate DIR] [--data DIR] [--runs 3]
 
 128 greedy tokens (no early stop) after one chat prompt, batch 1, tokens/s as 128 / median wall time
-(prefill included) of `--runs` runs, per dtype (fp32, bf16, and fp32 with PyTorch's CPU dynamic int8
-Linear layers, `dynamic-int8`): our plain base (experts disabled, same
+(prefill included) of `--runs` runs, per dtype (fp32, bf16): our plain base (experts disabled, same
 loop), transformers' `generate` on the plain base, and X-LoRA: full gate, early gate (the scaling
 pass over the first k layers; `--early-gate` a gate trained that way, else the shipped gate run with
 k as a cost-only row), reuse-after-4 fused, and reuse-after-4 with merged decoding. With `--data`
@@ -158,7 +157,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=15, help="Layers of the cost-only early gate (no --early-gate).")
     p.add_argument("--data", type=Path, help="Folder with <task>-eval-chat.jsonl for held-out losses.")
     p.add_argument("--limit", type=int, help="Score only the first N held-out items per task.")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "dynamic-int8"])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-mistralrs", action="store_true", help="Skip the mistral.rs peer even if installed.")
@@ -171,9 +170,7 @@ def main() -> None:
 
     rows = []
     for dtype in a.dtypes:
-        # "dynamic-int8": the float32 base with PyTorch's CPU int8 Linear layers (inference only)
-        quant = "dynamic-int8" if dtype == "dynamic-int8" else None
-        base, tok = load_base("default", dtype="float32" if quant else dtype, quantization=quant)
+        base, tok = load_base("default", dtype=dtype)
         chat = [{"role": "user", "content": PROMPT}]
         text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]

@@ -1,4 +1,4 @@
-"""Hostile session 5: the agents case study, dynamic-int8 bases, the retention scorer and masks under
+"""Hostile session 5: the agents case study, the retention scorer and masks under
 static scalings, each test a defect found by attacking them (tiny models only)."""
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from helpers import add_tiny_tokenizer, load_base
 from typer.testing import CliRunner
 
 from xlora import XLoraConfig, XLoraModel
-from xlora.base_models import load_base as load_any_base
-from xlora.cli import app, pick_device
+from xlora.cli import app
 from xlora.science.agents import AgentsConfig, Triple, parse_triples, write_run
 from xlora.science.retention import retention_outcomes
 from xlora.science.tasks import Item
@@ -73,11 +72,11 @@ def test_model_written_relations_with_control_characters_keep_graphml_readable(t
     assert nx.read_graphml(tmp_path / "graph.graphml").edges["water", "polar molecule"]["relation"] == "is a0m"
 
 
-def test_agents_cli_takes_quantize_dynamic_int8(checkpoint, tmp_path):
+def test_agents_cli_takes_quantize(checkpoint, tmp_path):
     """Every command that loads a base takes --quantize; `xlora agents` did not."""
     base_dir, path = checkpoint
     args = ["agents", "--topic", "w7", "--checkpoint", str(path), "--base", str(base_dir), "--out", str(tmp_path)]
-    r = runner.invoke(app, args + ["--turns", "1", "--max-new-tokens", "2", "--quantize", "dynamic-int8"])
+    r = runner.invoke(app, args + ["--turns", "1", "--max-new-tokens", "2", "--quantize", "int8"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "summary.json").is_file()
 
@@ -96,46 +95,6 @@ def test_agents_cli_checks_out_before_the_dialogue(checkpoint, tmp_path, monkeyp
     args = ["agents", "--topic", "w7", "--checkpoint", str(path), "--base", str(base_dir), "--out", str(target)]
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "expected a folder" in r.output, r.output
-
-
-def test_training_mode_refused_on_a_dynamic_int8_base(checkpoint):
-    """train() on a dynamic-int8 base (what a Trainer or a hand-written loop does) trained on all-zero
-    classifier gradients, with only a torch UserWarning at backward."""
-    base_dir, path = checkpoint
-    base, _ = load_any_base(str(base_dir), quantization="dynamic-int8")
-    model = XLoraModel.from_pretrained(base, path)
-    with pytest.raises(ValueError, match="dynamic-int8"):
-        model.train()
-    assert not model.training
-    model.eval()  # inference stays possible
-    with torch.no_grad():
-        assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
-
-
-def test_train_gate_cli_refuses_dynamic_int8_before_loading(tmp_path):
-    r = runner.invoke(
-        app,
-        [
-            "train-gate",
-            "--data",
-            str(tmp_path / "d.jsonl"),
-            "--out",
-            str(tmp_path / "o"),
-            "-e",
-            "a=b",
-            "--base",
-            str(tmp_path),
-        ]
-        + ["--quantize", "dynamic-int8"],
-    )
-    assert r.exit_code == 2 and "dynamic-int8: inference only" in r.output, r.output
-
-
-def test_dynamic_int8_picks_the_cpu_on_a_cuda_machine(monkeypatch):
-    """With CUDA present and no --device, generate/serve chose cuda, where dynamic-int8 cannot run."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert pick_device(None, "dynamic-int8") == "cpu"
-    assert pick_device(None, None) == "cuda"
 
 
 def test_top_k_under_a_mask_never_picks_a_masked_expert(tiny):

@@ -114,37 +114,7 @@ def _drop_gguf_marker(config_path: Path) -> None:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZATIONS = ("int8", "nf4", "fp4")  # bitsandbytes
-DYNAMIC_INT8 = "dynamic-int8"  # PyTorch's own CPU dynamic quantization: int8 weights, inference only
-
-
-def is_dynamic_quantized(module: torch.nn.Module) -> bool:
-    """A PyTorch dynamic-quantized Linear (`torch.ao.nn.quantized.dynamic.Linear`): int8 weights packed
-    for CPU kernels, activations quantized per call; `weight` is a method there, not a tensor."""
-    return type(module).__module__.startswith("torch.ao.nn.quantized.dynamic")
-
-
-def quantize_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Every nn.Linear of a float32 CPU model (lm_head included) to dynamic int8, in place.
-
-    Why: at batch 1 decoding is memory-bound and these kernels read a quarter of the fp32 bytes
-    (SmolLM2 here: 14 -> 24 tokens/s for the plain base). No autograd through them: inference only."""
-    ref = model.get_input_embeddings().weight
-    if ref.dtype != torch.float32 or ref.device.type != "cpu":
-        raise ValueError(
-            f"quantization='{DYNAMIC_INT8}' needs a float32 model on the CPU (got {ref.dtype} on {ref.device}): "
-            "use dtype='float32' and no CUDA device; on a GPU use 'int8' or 'nf4' (bitsandbytes)"
-        )
-    import warnings
-
-    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; it works in 2.x
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        # per output channel: one scale per row keeps far more of a small model's answers than one per matrix
-        quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
-    model._xlora_quantization = DYNAMIC_INT8
-    return model
+QUANTIZATIONS = ("int8", "nf4", "fp4")
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
@@ -164,12 +134,10 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
 
 def quantization_config(quantization: str | None, compute_dtype: torch.dtype):
     """transformers' BitsAndBytesConfig for 'int8' (LLM.int8) or 'nf4'/'fp4' (4-bit), or None."""
-    if quantization is None or quantization == DYNAMIC_INT8:
-        return None  # dynamic int8 is applied after loading (load_base)
+    if quantization is None:
+        return None
     if quantization not in QUANTIZATIONS:
-        raise ValueError(
-            f"quantization: expected one of {', '.join(QUANTIZATIONS)}, {DYNAMIC_INT8} or None, got {quantization!r}"
-        )
+        raise ValueError(f"quantization: expected one of {', '.join(QUANTIZATIONS)} or None, got {quantization!r}")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError(f"quantization={quantization!r} needs bitsandbytes: pip install 'xlora[quant]'")
     from transformers import BitsAndBytesConfig
@@ -183,7 +151,7 @@ def describe_base(model: torch.nn.Module) -> dict[str, str]:
     """{"dtype", "quantization"} of a loaded base model (for `xlora info`-style reports and the server)."""
     ref = model.get_input_embeddings().weight
     quant = getattr(getattr(model, "config", None), "quantization_config", None)
-    method = getattr(model, "_xlora_quantization", None)
+    method = None
     if quant is not None:
         q = quant if isinstance(quant, dict) else quant.to_dict()
         if q.get("load_in_8bit"):
@@ -207,8 +175,6 @@ def load_base(
     `dtype`: "float32" (default: exact, PEFT-equal numerics), "bfloat16", "float16" or "auto" (the
     checkpoint's). `quantization`: None, "int8" (bitsandbytes LLM.int8) or "nf4"/"fp4" (4-bit, computing
     in `dtype`); the X-LoRA experts then run in that float dtype beside the quantized base layers.
-    "dynamic-int8": PyTorch's CPU dynamic int8 Linear layers (float32 on the CPU only, inference only:
-    the fastest way to decode on a CPU; experts and classifier stay float32).
     `device_map="auto"` spreads a large model over the available devices (accelerate).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -238,10 +204,6 @@ def load_base(
     if device is not None and device_map is None:
         model.to(device)
     model.eval()
-    if quantization == DYNAMIC_INT8:
-        if device_map is not None:
-            raise ValueError(f"quantization='{DYNAMIC_INT8}' runs on the CPU only; it takes no device_map")
-        quantize_dynamic_int8(model)
     return model, tokenizer
 
 

@@ -43,11 +43,7 @@ DtypeOption = Annotated[
 ]
 QuantizeOption = Annotated[
     str | None,
-    typer.Option(
-        "--quantize",
-        help="Quantize the base: int8, nf4 or fp4 (bitsandbytes, xlora[quant]), or dynamic-int8 (PyTorch, CPU, "
-        "inference only: the fastest CPU decoding).",
-    ),
+    typer.Option("--quantize", help="Load the base quantized with bitsandbytes: int8, nf4 or fp4 (xlora[quant])."),
 ]
 
 SCALING_PASS_LAYERS = typer.Option(
@@ -77,14 +73,11 @@ def parse_experts(items: list[str]) -> list[tuple[str, Path]]:
     return pairs
 
 
-def pick_device(device: str | None, quantize: str | None = None) -> str:
-    """`--device`, checked (a typo or CUDA on a machine without it is a clear error), else cuda or cpu
-    (cpu for `--quantize dynamic-int8`, whose kernels run on the CPU only)."""
+def pick_device(device: str | None) -> str:
+    """`--device`, checked (a typo or CUDA on a machine without it is a clear error), else cuda or cpu."""
     import torch
 
     if not device:
-        if quantize == "dynamic-int8":
-            return "cpu"
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         parsed = torch.device(device)
@@ -177,7 +170,7 @@ def generate(
     if experts and checkpoint:
         _fail("give either --experts or --checkpoint, not both")
     pairs = parse_experts(experts or [])
-    model_base, tokenizer = load_base(base, device=pick_device(device, quantize), dtype=dtype, quantization=quantize)
+    model_base, tokenizer = load_base(base, device=pick_device(device), dtype=dtype, quantization=quantize)
     if checkpoint is not None:
         model = XLoraModel.from_pretrained(model_base, checkpoint_path(checkpoint))
     elif pairs:
@@ -325,7 +318,7 @@ def serve(
     from .server import create_app
     from .serving import Engine
 
-    model_base, tokenizer = load_base(base, device=pick_device(device, quantize), dtype=dtype, quantization=quantize)
+    model_base, tokenizer = load_base(base, device=pick_device(device), dtype=dtype, quantization=quantize)
     checkpoint = checkpoint_path(checkpoint)
     model = XLoraModel.from_pretrained(model_base, checkpoint)
     engine = Engine(

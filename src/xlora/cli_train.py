@@ -40,11 +40,6 @@ def _prepare(
     from .train import check_outputs
     from .training import TrainingArgs, distributed
 
-    if quantize == "dynamic-int8":  # before loading (on a GPU machine the load would fail for another reason)
-        raise ValueError(
-            "--quantize dynamic-int8: inference only (its CPU int8 kernels have no gradients); train on a "
-            "float32/bfloat16 or --quantize int8/nf4 base, then load the result on any base"
-        )
     _, rank_id = distributed()
     options = dict(options)
     steps = options.pop("steps")

@@ -316,8 +316,8 @@ def read_expert(name: str, path: str | Path) -> LoraExpert:
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(in_features, out_features) of an nn.Linear or a GPT-2 style Conv1D, else None."""
-    if isinstance(module, nn.Linear) or type(module).__module__.startswith("torch.ao.nn.quantized.dynamic"):
-        return module.in_features, module.out_features  # (a dynamic int8 Linear has the same fields)
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
     if type(module).__name__ == "Conv1D" and hasattr(module, "weight") and module.weight.dim() == 2:
         return module.weight.shape[0], module.weight.shape[1]  # Conv1D stores [in, out]
     return None

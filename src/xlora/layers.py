@@ -11,19 +11,10 @@ from torch import nn
 from .experts import StackedExperts
 
 
-def weight_tensor(module: nn.Module) -> torch.Tensor | None:
-    """A linear layer's weight tensor: the `weight` attribute, or for PyTorch's dynamic-quantized
-    Linear (where `weight` is a method) the packed int8 tensor it returns."""
-    weight = getattr(module, "weight", None)
-    if callable(weight) and not isinstance(weight, torch.Tensor):
-        weight = weight()
-    return weight if isinstance(weight, torch.Tensor) else None
-
-
 def compute_dtype(module: nn.Module, fallback: torch.dtype) -> torch.dtype:
     """The float dtype a base linear computes in: its weight's, or for a quantized weight (int8/uint8
-    storage: bitsandbytes 8-bit and 4-bit, PyTorch qint8) its `compute_dtype` if set, else `fallback`."""
-    weight = weight_tensor(module)
+    storage: bitsandbytes 8-bit and 4-bit) its `compute_dtype` if set, else `fallback` (the model's)."""
+    weight = getattr(module, "weight", None)
     if weight is not None and weight.is_floating_point():
         return weight.dtype
     declared = getattr(module, "compute_dtype", None)

@@ -17,7 +17,7 @@ from .classifier import XLoraClassifier, select_topk
 from .config import XLoraConfig, XLoraConfigError
 from .early_gate import check_scaling_pass_layers, truncated_decoder
 from .experts import ExpertSpec, LoraExpert, load_experts, stack_module
-from .layers import ScalingsState, XLoraLinear, compute_dtype, weight_tensor
+from .layers import ScalingsState, XLoraLinear, compute_dtype
 from .model_api import ScalingsAPI
 from .multimodal import shared_inputs, text_config
 from .scalings_log import ScalingsLog
@@ -83,7 +83,7 @@ class XLoraModel(ScalingsAPI, nn.Module):
         gather, scales = [], []
         for index, name in enumerate(module_names):
             target = base.get_submodule(name)
-            w = weight_tensor(target)
+            w = target.weight
             # experts in a float compute dtype, never the int8/uint8 storage dtype of a quantized base
             stacked = stack_module(name, experts, dtype=compute_dtype(target, ref.dtype), device=w.device)
             layer = XLoraLinear(target, index, stacked, self.state, trainable=config.use_trainable_adapters)
@@ -100,8 +100,7 @@ class XLoraModel(ScalingsAPI, nn.Module):
         head = base.get_output_embeddings()
         if isinstance(head, XLoraLinear):  # an expert adapts lm_head itself
             head = head.base_layer
-        head_w = weight_tensor(head) if head is not None else ref
-        head_w = ref if head_w is None else head_w
+        head_w = head.weight if head is not None else ref
         float_dtype = head_w.dtype if head_w.is_floating_point() else ref.dtype
         self.classifier = XLoraClassifier(config, config.hidden_size, len(experts), len(layers)).to(
             device=head_w.device, dtype=classifier_dtype or float_dtype
@@ -169,15 +168,6 @@ class XLoraModel(ScalingsAPI, nn.Module):
             layer.lora_B.requires_grad_(self.config.use_trainable_adapters)
         for p in self.classifier.parameters():
             p.requires_grad_(True)
-
-    def train(self, mode: bool = True) -> XLoraModel:
-        """nn.Module.train; refused on a 'dynamic-int8' base, whose int8 kernels have no gradients (a
-        Trainer or a hand-written loop would otherwise train on all-zero gradients without a word)."""
-        if mode:
-            from .train import refuse_dynamic_int8
-
-            refuse_dynamic_int8(self.base)
-        return super().train(mode)
 
     def unload(self) -> nn.Module:
         """Put the original linear layers back and return the plain base model."""

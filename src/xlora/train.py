@@ -56,17 +56,6 @@ def base_identity(base: nn.Module) -> dict:
     }
 
 
-def refuse_dynamic_int8(model: nn.Module) -> None:
-    """Training needs gradients through the base layers; PyTorch's dynamic int8 kernels have none."""
-    if getattr(model, "_xlora_quantization", None) == "dynamic-int8" or any(
-        type(m).__module__.startswith("torch.ao.nn.quantized.dynamic") for m in model.modules()
-    ):
-        raise ValueError(
-            "training on a 'dynamic-int8' base is not possible (its CPU int8 kernels have no gradients): "
-            "train on float32/bfloat16 or a bitsandbytes 'int8'/'nf4' base, then load the result on any base"
-        )
-
-
 def is_quantized(model: nn.Module) -> bool:
     """True when the model holds bitsandbytes 8-bit / 4-bit layers (quantized storage, float compute)."""
     return any(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in model.modules())
@@ -105,7 +94,6 @@ def train_expert(
     from peft import LoraConfig, get_peft_model
 
     lora = lora or LoraOptions()
-    refuse_dynamic_int8(base)
     check_outputs(args, "adapter")
     torch.manual_seed(args.seed)  # LoRA A init
     config = LoraConfig(
@@ -169,7 +157,6 @@ def train_gate(
 ) -> list[dict]:
     """Train only the classifier (next-token loss on the second pass) and save the X-LoRA
     checkpoint at `args.output_dir`. Returns the step log."""
-    refuse_dynamic_int8(model.base)
     check_outputs(args, "xlora")
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     experts = [
