@@ -54,3 +54,18 @@ def train_setup(tiny, tmp_path_factory):
     ev = root / "eval.jsonl"
     ev.write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
     return base_dir, experts, data, ev
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny, tmp_path_factory):
+    """(base dir with a tokenizer, saved X-LoRA checkpoint dir) over the tiny experts, for CLI tests."""
+    from helpers import add_tiny_tokenizer, load_base
+
+    from xlora import XLoraConfig, XLoraModel
+
+    base_dir, experts = tiny
+    add_tiny_tokenizer(base_dir)
+    model = XLoraModel.from_experts(load_base(base_dir), experts, XLoraConfig(xlora_depth=2, xlora_size=8))
+    path = tmp_path_factory.mktemp("checkpoint") / "ck"
+    model.save_pretrained(path)
+    return base_dir, path

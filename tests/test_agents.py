@@ -8,10 +8,10 @@ import json
 import networkx as nx
 import pytest
 import torch
-from helpers import add_tiny_tokenizer, load_base
+from helpers import load_base
 from typer.testing import CliRunner
 
-from xlora import XLoraConfig, XLoraModel
+from xlora import XLoraModel
 from xlora.cli import app
 from xlora.science.agents import (
     AgentsConfig,
@@ -84,13 +84,8 @@ def test_graph_merges_repeated_edges_and_round_trips_through_graphml(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny, tmp_path_factory):
-    base_dir, experts = tiny
-    add_tiny_tokenizer(base_dir)
-    model = XLoraModel.from_experts(load_base(base_dir), experts, XLoraConfig(xlora_depth=2, xlora_size=8))
-    path = tmp_path_factory.mktemp("agents") / "ck"
-    model.save_pretrained(path)
-    return base_dir, path
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def test_roles_run_with_their_expert_masks(checkpoint):

@@ -8,7 +8,7 @@ import json
 import networkx as nx
 import pytest
 import torch
-from helpers import add_tiny_tokenizer, load_base
+from helpers import load_base
 from typer.testing import CliRunner
 
 from xlora import XLoraConfig, XLoraModel
@@ -21,13 +21,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny, tmp_path_factory):
-    base_dir, experts = tiny
-    add_tiny_tokenizer(base_dir)
-    model = XLoraModel.from_experts(load_base(base_dir), experts, XLoraConfig(xlora_depth=2, xlora_size=8))
-    path = tmp_path_factory.mktemp("hostile5") / "ck"
-    model.save_pretrained(path)
-    return base_dir, path
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def test_retention_scores_answers_that_restate_the_question():
