@@ -219,3 +219,33 @@ def test_resume_into_another_models_checkpoint_fails_clearly(train_setup, tmp_pa
     args = TrainingArgs(output_dir=str(tmp_path / "g"), batch_size=4, max_steps=4, resume=True, progress=False)
     with pytest.raises(ValueError, match=r"g-run: --resume with other settings.*gate.xlora_size: 16 -> 32"):
         train_gate(wider, load_dataset(data, tok), None, args, pad_token_id=0)
+
+
+def test_answer_logits_only_matches_the_full_loss_and_gradients(train_setup):
+    """The expert trainer's LM head runs only where a loss is taken: same loss, same gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    from xlora.data import collate
+    from xlora.training import Trainer
+
+    base_dir, _, data, _ = train_setup
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    ds = load_dataset(data, tok)
+    torch.manual_seed(0)
+    peft = get_peft_model(
+        load_base(base_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    trainable = {n: p for n, p in peft.named_parameters() if p.requires_grad}
+    batch = collate([ds[i] for i in range(6)], 0)  # rows of different lengths: right padding
+    results = []
+    for only in (False, True):
+        args = TrainingArgs(output_dir="unused", batch_size=2, progress=False)
+        trainer = Trainer(peft, trainable, ds, None, args, 0, answer_logits_only=only)
+        loss, count = trainer._forward_ce(batch)
+        loss.backward()
+        results.append((float(loss), count, {n: p.grad.clone() for n, p in trainable.items()}))
+        peft.zero_grad()
+    (full, n_full, g_full), (kept, n_kept, g_kept) = results
+    assert n_full == n_kept > 0 and full == pytest.approx(kept, rel=1e-5)
+    for name in g_full:
+        torch.testing.assert_close(g_kept[name], g_full[name], rtol=1e-4, atol=1e-6)

@@ -155,6 +155,14 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     dtype: DtypeOption = "float32",
     quantize: QuantizeOption = None,
+    decoding: Annotated[
+        str,
+        typer.Option(
+            help="greedy, or checked: greedy + --samples sampled answers, combined per task (design prompts: the "
+            "first answer meeting the prompt's constraints; numbers: the median; yes/no: the majority)."
+        ),
+    ] = "greedy",
+    samples: Annotated[int, typer.Option(help="Sampled answers per item for --decoding checked.")] = 8,
 ) -> None:
     """Score a checkpoint on a task file: every metric with its 95% bootstrap interval and n."""
     import json
@@ -173,6 +181,12 @@ def eval_cmd(
         _fail(f"--limit: expected a positive number of records, got {limit}")
     if resamples < 1:
         _fail(f"--resamples: expected a positive integer, got {resamples}")
+    from .science.decoding import DECODINGS, DecodeOptions
+
+    if decoding not in DECODINGS:
+        _fail(f"--decoding: expected one of {', '.join(DECODINGS)}, got {decoding!r}")
+    if samples < 1:
+        _fail(f"--samples: expected a positive integer, got {samples}")
     items = [i for i in read_items(data) if i.task == task][:limit]
     if not items:
         _fail(f"{data}: no records for task {task}")
@@ -185,7 +199,13 @@ def eval_cmd(
             _fail(f"{train_data}: no chat records ({{'messages': [...]}}) to take training SMILES from")
     model_base, tok = load_base(base, dtype=dtype, quantization=quantize)
     model = XLoraModel.from_pretrained(model_base, checkpoint_path(checkpoint)).eval()
-    opts = EvalOptions(MAX_NEW_TOKENS[task], resamples=resamples, seed=seed, train_smiles=train_smiles)
+    opts = EvalOptions(
+        MAX_NEW_TOKENS[task],
+        resamples=resamples,
+        seed=seed,
+        train_smiles=train_smiles,
+        decoding=DecodeOptions(decoding, samples, seed=seed),
+    )
 
     def progress(name: str) -> None:
         err.print(f"scoring {name} on {len(items)} items", highlight=False, soft_wrap=True, markup=False)

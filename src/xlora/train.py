@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -76,6 +77,11 @@ def check_outputs(args: TrainingArgs, kind: str) -> None:
         )
 
 
+def _keeps_logits(model: nn.Module) -> bool:
+    """Whether the model's forward takes transformers' `logits_to_keep` (most causal LMs since 4.45)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -113,7 +119,16 @@ def train_expert(
         peft_model = get_peft_model(base, config)
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     identity = {"kind": "expert", "lora": asdict(lora), "base": base_identity(base)}
-    trainer = Trainer(peft_model, trainable, train_dataset, eval_dataset, args, pad_token_id, identity=identity)
+    trainer = Trainer(
+        peft_model,
+        trainable,
+        train_dataset,
+        eval_dataset,
+        args,
+        pad_token_id,
+        identity=identity,
+        answer_logits_only=_keeps_logits(base),
+    )
     try:
         records = trainer.fit()
         if trainer.rank == 0:

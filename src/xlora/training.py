@@ -157,10 +157,15 @@ class Trainer:
         pad_id: int,
         regulariser: Regulariser | None = None,
         identity: dict | None = None,
+        answer_logits_only: bool = False,
     ) -> None:
         """`identity`: what the run trains beyond its arguments (model, experts, base), JSON-able;
-        stored in the run directory and compared on resume."""
+        stored in the run directory and compared on resume. `answer_logits_only`: the model accepts
+        transformers' `logits_to_keep`, so the LM head runs only where a loss is taken (same loss,
+        ~25 % faster on a short-answer task, where the vocabulary projection of every prompt token
+        is wasted)."""
         self.args, self.pad_id, self.regulariser = args, pad_id, regulariser
+        self.answer_logits_only = answer_logits_only
         self.extra_identity = identity or {}
         self.world, self.rank = distributed()
         self.module = model
@@ -307,9 +312,20 @@ class Trainer:
     # ------------------------------------------------------------------ steps
 
     def _forward_ce(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        extra = {}
+        if self.answer_logits_only:  # positions whose next token carries a loss, in any row: [K]
+            keep = (batch["labels"][:, 1:] != IGNORE).any(0).nonzero().flatten()
+            extra["logits_to_keep"] = keep
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return token_ce_sum(out.logits, batch["labels"])
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+        if not self.answer_logits_only:
+            return token_ce_sum(out.logits, batch["labels"])
+        target = batch["labels"][:, keep + 1]  # [B, K]: the token each kept logit predicts
+        logits = out.logits.float()  # [B, K, V]
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
+        return loss, int((target != IGNORE).sum())
 
     def train_step(self) -> tuple[float, int]:
         """One optimizer step; returns (mean loss over the global batch, tokens processed globally)."""

@@ -6,6 +6,7 @@ import json
 import math
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,8 +26,11 @@ def read_items(path: Path) -> list[Item]:
     return items
 
 
-def generate_answers(model, tok, items: list[Item], max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy answers to the items' prompts (chat template, left-padded batches)."""
+def generate_answers(
+    model, tok, items: list[Item], max_new_tokens: int, batch_size: int = 8, **sampling: Any
+) -> list[str]:
+    """Answers to the items' prompts (chat template, left-padded batches): greedy, or sampled with
+    `sampling` (`do_sample=True, temperature=..., seed=s`; batch k is seeded `s + k`, reproducibly)."""
     tok.padding_side = "left"
     answers = []
     for start in range(0, len(items), batch_size):
@@ -44,6 +48,7 @@ def generate_answers(model, tok, items: list[Item], max_new_tokens: int, batch_s
             max_new_tokens=max_new_tokens,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
+            **({**sampling, "seed": sampling.get("seed", 0) + start} if sampling else {}),
         )
         for row in out[:, enc["input_ids"].shape[1] :]:
             answers.append(tok.decode(row, skip_special_tokens=True).strip())

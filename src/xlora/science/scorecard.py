@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .decoding import DecodeOptions, decode_answers
 from .stats import DEFAULT_RESAMPLES, Interval, bootstrap_mean, paired_available, paired_difference
 from .tasks import MAE_METRICS, Item, outcomes
 
@@ -32,6 +33,7 @@ class EvalOptions:
     resamples: int = DEFAULT_RESAMPLES
     seed: int = 0
     train_smiles: set[str] | None = None  # canonical training SMILES, for the novelty rate
+    decoding: DecodeOptions = field(default_factory=DecodeOptions)  # greedy, or sample-and-check
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Scorecard:
     n_items: int
     n_generated: int
     models: list[ModelScore]
+    decoding: str = "greedy"
     differences: dict[str, tuple[str, Interval]]  # metric -> (best expert's name, paired interval)
 
 
@@ -92,10 +95,12 @@ def _interval(metric: str, values: list[float | None], weights: list[int] | None
 
 def score_model(model, tok, name: str, task: str, items: list[Item], opts: EvalOptions) -> ModelScore:
     """Generate answers to the items not marked `loss_only`, score them, and take every item's loss."""
-    from .evaluate import generate_answers
-
     generated = [it for it in items if not it.meta.get("loss_only")]
-    answers = generate_answers(model, tok, generated, opts.max_new_tokens, opts.batch_size) if generated else []
+    answers = (
+        decode_answers(model, tok, task, generated, opts.max_new_tokens, opts.decoding, opts.batch_size)
+        if generated
+        else []
+    )
     values = outcomes(task, generated, answers, opts.train_smiles) if generated else {}
     losses = item_losses(model, tok, items, opts.max_length, opts.batch_size)
     values[LOSS] = [loss for loss, _ in losses]
@@ -154,15 +159,17 @@ def evaluate_checkpoint(
         with mode():
             scores.append(score_model(model, tok, name, task, items, opts))
     n_generated = sum(not it.meta.get("loss_only") for it in items)
-    return Scorecard(task, len(items), n_generated, scores, paired_vs_best_expert(scores, opts))
+    d = opts.decoding
+    how = "greedy" if d.mode == "greedy" else f"checked (greedy + {d.samples} samples at T={d.temperature})"
+    return Scorecard(task, len(items), n_generated, scores, paired_vs_best_expert(scores, opts), how)
 
 
 def scorecard_table(card: Scorecard) -> str:
     """Markdown: one row per metric and model (mean, 95% interval, n), then X-LoRA minus the best
     single expert as a paired difference."""
     lines = [
-        f"task {card.task}: {card.n_items} items scored by loss, {card.n_generated} answers generated; "
-        "95% percentile bootstrap intervals",
+        f"task {card.task}: {card.n_items} items scored by loss, {card.n_generated} answers generated "
+        f"({card.decoding} decoding); 95% percentile bootstrap intervals",
         "",
         "| metric | model | mean | 95% interval | n |",
         "|---|---|---:|---:|---:|",

@@ -74,6 +74,17 @@ def design_item(m: Molecule) -> Item:
     )
 
 
+def formula_item(m: Molecule) -> Item:
+    """The design task's other direction, SMILES -> formula: training data of the design expert
+    only (so that it knows SMILES <-> formula, as the composite task assumes); never scored."""
+    return Item(
+        "molecule-design",
+        f"Molecule {m.smiles}. Give its molecular formula.",
+        f"formula {m.formula}",
+        {"formula": m.formula, "id": m.id, "kind": "formula"},
+    )
+
+
 def peptide_items(p: Peptide, design: bool) -> Item:
     charge = net_charge(p.sequence)
     if design:
