@@ -55,9 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("name")
     p.add_argument("--work", type=Path, default=Path("xlora-reproduce"))
     p.add_argument("--base", default="default", help="the base model the work dir was made with")
-    p.add_argument("--n-train", type=int, default=320, help="as the work dir was made with")
-    p.add_argument("--n-eval", type=int, default=24, help="as the work dir was made with")
-    p.add_argument("--seed", type=int, default=0, help="as the work dir was made with")
+    made = "default: the work dir's data/data-settings.json"
+    p.add_argument("--n-train", type=int, default=None, help=f"as the work dir was made with ({made})")
+    p.add_argument("--n-eval", type=int, default=None, help=f"as the work dir was made with ({made})")
+    p.add_argument("--seed", type=int, default=None, help=f"as the work dir was made with ({made})")
     p.add_argument("--steps", type=int, default=240)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--size", type=int, default=64)
@@ -69,12 +70,14 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    # the work dir's own data settings (stage_data writes them); --n-train/--n-eval/--seed override
+    made = a.work / "data" / "data-settings.json"
+    sizes = {k: v for k, v in json.loads(made.read_text()).items() if k != "gate_fresh"} if made.is_file() else {}
+    sizes |= {k: v for k, v in (("n_train", a.n_train), ("n_eval", a.n_eval), ("seed", a.seed)) if v is not None}
     cfg = ReproduceConfig(
         work=a.work,
         base=a.base,
-        n_train=a.n_train,
-        n_eval=a.n_eval,
-        seed=a.seed,
+        **sizes,
         gate_steps=a.steps,
         gate_lr=a.lr,
         gate_size=a.size,
@@ -92,8 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
             if (cfg.work / "data" / f"{task}-train.jsonl").read_text() != "".join(
                 json.dumps(chat_record(i)) + "\n" for i in train[task]
             ):
-                raise SystemExit(f"{cfg.work}: pass the --n-train, --n-eval and --seed it was made with")
-        write_jsonl(data, gate_records(train, fresh))
+                raise SystemExit(f"{cfg.work}: pass the --n-train, --n-eval and --seed it was made with, or none")
+        write_jsonl(data, gate_records(train, fresh, cfg.n_train))
     t0 = time.time()
     if not (out / "gate" / "xlora_config.json").is_file():
         train_gate_stage(cfg, experts, out / "gate", f"probe-{a.name}", data)

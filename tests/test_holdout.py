@@ -51,12 +51,13 @@ def test_shipped_test_sets_are_large_balanced_and_unseen(qm9, shipped):
 
 
 def test_reproduce_staging_matches_the_shipped_split(shipped):
-    """`xlora reproduce` with its defaults draws exactly the shipped run's ids, so the test sets it
+    """`xlora reproduce` with the shipped run's settings draws exactly its ids, so the test sets it
     stages are unseen by the shipped checkpoint too."""
-    from xlora.science.pipeline import ReproduceConfig, build_items
+    from xlora.science.pipeline import build_items, config_from_manifest
 
     ids, _ = shipped
-    _, _, _, staged = build_items(ReproduceConfig())
+    config = json.loads((PACKAGED / "manifest.json").read_text())["config"]
+    _, _, _, staged = build_items(config_from_manifest(config))
     assert staged == {k: ids[k] for k in staged}
 
 

@@ -11,7 +11,7 @@ import torch
 from helpers import add_tiny_tokenizer, make_base
 
 from xlora.science.datasets import hill_formula, load_amps, load_qm9, split, split3
-from xlora.science.tasks import Item, formula_of, mean_baseline, net_charge, score
+from xlora.science.tasks import TASKS, Item, formula_of, mean_baseline, net_charge, score
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,10 @@ def test_tiny_end_to_end(tmp_path):
         base=str(base),
         n_train=16,
         n_eval=4,
+        n_expert_molecules=20,
+        n_expert_classify=14,
+        n_expert_design=6,
+        expert_batch_size=4,
         expert_steps=2,
         gate_steps=2,
         batch_size=4,
@@ -122,7 +126,7 @@ def test_tiny_end_to_end(tmp_path):
     ):
         assert (cfg.out / f).is_file(), f
     manifest = json.loads((cfg.out / "manifest.json").read_text())
-    assert manifest["command"] == "xlora reproduce" and len(manifest["data"]["qm9_index_train"]) == 32
+    assert manifest["command"] == "xlora reproduce" and len(manifest["data"]["qm9_index_train"]) == 40
     assert not set(manifest["data"]["qm9_index_train"]) & set(manifest["data"]["qm9_index_eval"])
     assert not set(manifest["data"]["amp_sequences_train"]) & set(manifest["data"]["amp_sequences_eval"])
     # fresh gate examples: disjoint from both, and the gate trained on them as well
@@ -145,6 +149,28 @@ def test_tiny_end_to_end(tmp_path):
         reproduce(replace(cfg, gate_size=16))  # never silently reuse a gate of other settings
     check_forced_routing(cfg)
     check_gate_probe(cfg)
+    check_expert_reuse(cfg, tmp_path)
+
+
+def check_expert_reuse(cfg, tmp_path) -> None:
+    """Committed experts are reused by a run with the same recipe (bit for bit, nothing trained) and
+    ignored by a run with another recipe."""
+    from xlora.science.pipeline import commit_experts, stage_data, stage_experts
+
+    store = tmp_path / "store"
+    commit_experts(cfg, store)
+    record = json.loads((store / "recipe.json").read_text())
+    assert record["recipe"]["expert_steps"] == 2 and set(record["train_s"]) == set(TASKS)
+    same = replace(cfg, work=tmp_path / "work-same", out=tmp_path / "ck-same")
+    stage_data(same)
+    for task, path in stage_experts(same, store=store).items():
+        weights = "adapter_model.safetensors"
+        assert (path / weights).read_bytes() == (cfg.work / "experts" / task / weights).read_bytes()
+    assert not (same.work / "runs" / "timings.json").exists()  # nothing was trained
+    other = replace(cfg, work=tmp_path / "work-other", out=tmp_path / "ck-other", expert_lr=0.5)
+    stage_data(other)
+    stage_experts(other, store=store)
+    assert set(json.loads((other.work / "runs" / "timings.json").read_text())) == {f"expert {t}" for t in TASKS}
 
 
 def experiment(name: str):
@@ -167,8 +193,8 @@ def check_gate_probe(cfg) -> None:
     probe = experiment("gate_probe")
     argv = ["p", "--work", str(cfg.work), "--base", cfg.base, "--steps", "2", "--size", "8", "--no-softmax"]
     with pytest.raises(SystemExit, match="--n-train"):  # not the sizes the work dir was made with
-        probe.main(argv)
-    row = probe.main(argv + ["--n-train", "16", "--n-eval", "4", "--fresh", "4"])
+        probe.main(argv + ["--seed", "3"])
+    row = probe.main(argv + ["--fresh", "4"])  # the sizes come from the work dir
     gate = cfg.work / "probes" / "p" / "gate"
     config = json.loads((gate / "xlora_config.json").read_text())
     assert config["xlora_size"] == 8 and config["enable_softmax"] is False

@@ -11,7 +11,7 @@ import json
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 
@@ -43,6 +43,7 @@ class ReproduceConfig:
     expert_formula_items: bool = True  # half the design expert's molecules go SMILES -> formula
     expert_steps: int = 160
     expert_batch_size: int = 16
+    gate_steps: int = 240
     batch_size: int = 8  # the gate's
     rank: int = 8
     alpha: float = 16.0
@@ -69,6 +70,22 @@ class ReproduceConfig:
             "expert_steps", "expert_batch_size", "rank", "alpha", "targets", "expert_lr", "max_length",
         )  # fmt: skip
         return {k: getattr(self, k) for k in keys}
+
+
+def config_from_manifest(config: dict) -> ReproduceConfig:
+    """The ReproduceConfig a manifest's `config` section records. Manifests from before the
+    session-6 expert recipe (no `n_expert_molecules`) trained each expert on `n_train` items (peptides:
+    half to classify, half to design), without formula items, in batches of `batch_size`."""
+    known = {f.name for f in fields(ReproduceConfig)}
+    values = {k: v for k, v in config.items() if k in known}
+    if "n_expert_molecules" not in config:
+        n = int(config.get("n_train", ReproduceConfig.n_train))
+        values |= {"n_expert_molecules": n, "n_expert_classify": n // 2, "n_expert_design": n // 2}
+        values |= {"expert_formula_items": False, "expert_batch_size": int(config.get("batch_size", 8))}
+    for key in ("out", "work"):
+        if key in values:
+            values[key] = Path(values[key])
+    return ReproduceConfig(**values)
 
 
 # ---------------------------------------------------------------------- data
@@ -237,6 +254,24 @@ def stage_experts(cfg: ReproduceConfig, store: Path | None = EXPERT_STORE) -> di
         )
         record_time(cfg, f"expert {task}", time.time() - t0)
     return experts
+
+
+def commit_experts(cfg: ReproduceConfig, store: Path = EXPERT_STORE) -> None:
+    """Copy a run's trained experts into `store` with their recipe and training wall times, so later
+    runs with the same recipe reuse them (`stage_experts`). Replaces the store as a whole, atomically."""
+    from ..io import atomic_directory
+
+    timings = cfg.work / "runs" / "timings.json"
+    times = json.loads(timings.read_text()) if timings.is_file() else {}
+    with atomic_directory(store, overwrite=True, replaces=None) as tmp:
+        for task in TASKS:
+            shutil.copytree(cfg.work / "experts" / task, Path(tmp) / task)
+        record = {
+            "recipe": json.loads(json.dumps(cfg.expert_recipe(), default=str)),
+            "train_s": {t: times.get(f"expert {t}") for t in TASKS},
+            "machine": {"cores": torch.get_num_threads(), "torch": torch.__version__},
+        }
+        (Path(tmp) / "recipe.json").write_text(json.dumps(record, indent=1))
 
 
 def reusable_expert(store: Path, task: str, recipe: dict) -> bool:
