@@ -38,7 +38,8 @@ def mean_baseline_interval(task: str, items, train_file: Path) -> dict[str, str]
             continue
         values = [float(m.group(1)) for a in answers if (m := re.search(word + r"\s*([-+]?\d+(?:\.\d+)?)", a))]
         mean = statistics.fmean(values)
-        errors = [abs(mean - it.meta[word]) for it in items if it.meta.get("kind", "classify") == "classify"]
+        scored = [it for it in items if not it.meta.get("loss_only") and it.meta.get("kind", "classify") == "classify"]
+        errors = [abs(mean - it.meta[word]) for it in scored]  # the items whose answers are generated
         iv = bootstrap_mean(errors)
         out[metric] = f"{iv.estimate:.3f} [{iv.low:.3f}, {iv.high:.3f}] n={iv.n}"
     return out
@@ -53,6 +54,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="only the first N test records (a quick look)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     experts = a.experts or a.work / "experts"
@@ -65,7 +67,7 @@ def main() -> None:
         for metric, cell in mean_baseline_interval(task, items, data / f"{task}-train.jsonl").items():
             print(f"always the training mean: {metric} {cell}")
         for mode in a.decodings:
-            opts = EvalOptions(MAX_NEW_TOKENS[task], decoding=DecodeOptions(mode, a.samples))
+            opts = EvalOptions(MAX_NEW_TOKENS[task], batch_size=a.batch_size, decoding=DecodeOptions(mode, a.samples))
             with model.static_scalings([1.0]):
                 s = score_model(model, tok, f"expert {task}", task, items, opts)
             for metric, iv in s.intervals.items():

@@ -163,6 +163,10 @@ def eval_cmd(
         ),
     ] = "greedy",
     samples: Annotated[int, typer.Option(help="Sampled answers per item for --decoding checked.")] = 8,
+    batch_size: Annotated[
+        int,
+        typer.Option(help="Items per forward pass (larger is faster on CPU too; answers may change in the last bit)."),
+    ] = 8,
 ) -> None:
     """Score a checkpoint on a task file: every metric with its 95% bootstrap interval and n."""
     import json
@@ -187,6 +191,8 @@ def eval_cmd(
         _fail(f"--decoding: expected one of {', '.join(DECODINGS)}, got {decoding!r}")
     if samples < 1:
         _fail(f"--samples: expected a positive integer, got {samples}")
+    if batch_size < 1:
+        _fail(f"--batch-size: expected a positive integer, got {batch_size}")
     items = [i for i in read_items(data) if i.task == task][:limit]
     if not items:
         _fail(f"{data}: no records for task {task}")
@@ -204,6 +210,7 @@ def eval_cmd(
         resamples=resamples,
         seed=seed,
         train_smiles=train_smiles,
+        batch_size=batch_size,
         decoding=DecodeOptions(decoding, samples, seed=seed),
     )
 

@@ -108,7 +108,7 @@ def decode_answers(
         return greedy
     repeated = [it for it in items for _ in range(opts.samples)]  # each prompt `samples` times, adjacent
     sampled = generate_answers(
-        model, tok, repeated, max_new_tokens, batch_size * opts.samples, do_sample=True,
+        model, tok, repeated, max_new_tokens, max(batch_size, min(64, batch_size * opts.samples)), do_sample=True,
         temperature=opts.temperature, seed=opts.seed,
     )  # fmt: skip
     n = opts.samples

@@ -54,8 +54,8 @@ class Scorecard:
     n_items: int
     n_generated: int
     models: list[ModelScore]
-    decoding: str = "greedy"
     differences: dict[str, tuple[str, Interval]]  # metric -> (best expert's name, paired interval)
+    decoding: str = "greedy"  # how the answers were decoded, for the table's header
 
 
 @torch.no_grad()
