@@ -259,3 +259,19 @@ def test_shipped_demo_answers(tmp_path):
     assert r.exit_code == 0, r.output
     assert r.output.count("dominant expert:") == 3 and "| X-LoRA (trained gate) |" in r.output
     assert (tmp_path / "fig" / "routing_heatmap.png").is_file()
+
+
+def test_reproduce_cli_defaults_are_the_config_defaults():
+    """`xlora reproduce` without options runs ReproduceConfig's recipe (else it would not reuse the
+    committed experts, whose recipe is the config's)."""
+    import inspect
+
+    from xlora.cli_science import reproduce
+    from xlora.science.pipeline import ReproduceConfig
+
+    config = ReproduceConfig()
+    renamed = {"out_dir": "out", "scaling_pass_layers": "gate_scaling_pass_layers"}
+    for name, param in inspect.signature(reproduce).parameters.items():
+        key = renamed.get(name, name)
+        if key not in ("out", "work"):
+            assert param.default == getattr(config, key), name

@@ -17,9 +17,11 @@ def reproduce(
     work: Annotated[Path, typer.Option(help="Data, runs and intermediate experts.")] = Path("xlora-reproduce"),
     base: str = "default",
     seed: int = 0,
-    n_train: int = 320,
+    n_train: Annotated[int, typer.Option(help="Per task: expert examples the gate also trains on.")] = 320,
     n_eval: int = 24,
-    expert_steps: int = 100,
+    expert_steps: Annotated[
+        int, typer.Option(help="Steps of 16 per expert (the committed experts are reused only at the default).")
+    ] = 160,
     gate_steps: int = 240,
     gate_lr: float = 5e-3,
     gate_size: int = 256,
