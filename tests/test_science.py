@@ -171,6 +171,9 @@ def check_expert_reuse(cfg, tmp_path) -> None:
     stage_data(other)
     stage_experts(other, store=store)
     assert set(json.loads((other.work / "runs" / "timings.json").read_text())) == {f"expert {t}" for t in TASKS}
+    # a work folder's finished experts are never mixed into a run of another recipe
+    with pytest.raises(ValueError, match="an expert made with another recipe"):
+        stage_experts(replace(other, expert_lr=0.25), store=store)
 
 
 def experiment(name: str):

@@ -227,15 +227,22 @@ def stage_experts(cfg: ReproduceConfig, store: Path | None = EXPERT_STORE) -> di
     from ..data import load_dataset
     from ..train import LoraOptions, train_expert
 
-    recipe = cfg.expert_recipe()
+    recipe = json.loads(json.dumps(cfg.expert_recipe(), default=str))
     experts = {}
     for task in TASKS:
         out = cfg.work / "experts" / task
         experts[task] = out
+        sidecar = out.with_name(f"{task}.recipe.json")  # the recipe the expert in `out` was made with
         if (out / "adapter_config.json").is_file():
+            if not sidecar.is_file() or json.loads(sidecar.read_text()) != recipe:
+                raise ValueError(
+                    f"{out}: an expert made with another recipe (or by an older xlora) is there; never mixed "
+                    f"into this run: delete {out.parent} or choose another --work"
+                )
             continue
         if store is not None and reusable_expert(store, task, recipe):
             shutil.copytree(store / task, out)
+            sidecar.write_text(json.dumps(recipe))
             print(f"expert {task}: reused from {store / task} (same recipe)")
             continue
         base, tok = load_base(cfg.base)
@@ -253,6 +260,7 @@ def stage_experts(cfg: ReproduceConfig, store: Path | None = EXPERT_STORE) -> di
             pad_token_id=tok.pad_token_id or 0,
         )
         record_time(cfg, f"expert {task}", time.time() - t0)
+        sidecar.write_text(json.dumps(recipe))
     return experts
 
 
@@ -279,7 +287,7 @@ def reusable_expert(store: Path, task: str, recipe: dict) -> bool:
     path = store / "recipe.json"
     if not path.is_file() or not (store / task / "adapter_config.json").is_file():
         return False
-    return json.loads(path.read_text()).get("recipe") == json.loads(json.dumps(recipe, default=str))
+    return json.loads(path.read_text()).get("recipe") == recipe
 
 
 def record_time(cfg: ReproduceConfig, stage: str, seconds: float) -> None:
