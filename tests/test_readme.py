@@ -32,7 +32,7 @@ def test_api_block_runs(tmp_path, monkeypatch, capsys):
     model, again, ids = namespace["model"], namespace["again"], namespace["ids"]
     assert (tmp_path / "my-xlora" / "xlora_config.json").is_file()
     assert namespace["s"].shape[2:] == (again.n_layers, 2)  # the last decoding step's scalings
-    assert model.n_layers == 0 and again.n_layers == 60  # unload() gave the plain base back
+    assert model.n_layers == 0 and again.n_layers == 120  # 30 layers x q,v,o,gate; unload() gave the plain base back
     assert again.expert_names == ["properties", "peptides"]
     ids_out = namespace["ids_out"]
     assert ids_out.shape[1] <= ids.shape[1] + 16
