@@ -91,6 +91,13 @@ def test_eval_with_baselines_prints_intervals_n_and_the_paired_difference(setup)
     assert alone.exit_code == 0, alone.output
     assert list(rows_of(alone.output, "eval_loss")) == ["X-LoRA"]
     assert rows_of(alone.output, "eval_loss")["X-LoRA"] == loss["X-LoRA"]
+    # --models: only the named baselines, each row as in the full run; X-LoRA minus the best of them
+    some = runner.invoke(app, args + ["--resamples", "200", "--models", "prot, uniform"])
+    assert some.exit_code == 0, some.output
+    picked = rows_of(some.output, "eval_loss")
+    assert [m for m in picked if not m.startswith("X-LoRA minus")] == ["expert prot", "uniform mix (1/N)", "X-LoRA"]
+    assert any(m.startswith("X-LoRA minus expert prot (paired") for m in picked)
+    assert all(picked[m] == loss[m] for m in ("expert prot", "uniform mix (1/N)", "X-LoRA"))
 
 
 def one_error_line(result) -> str:
@@ -115,6 +122,9 @@ def test_eval_errors_are_one_line(setup, tmp_path):
     )
     assert "--limit" in one_error_line(
         runner.invoke(app, ["eval", *common, "--task", "peptides", "--data", str(data), "--limit", "0"])
+    )
+    assert "--models: unknown chemistry; expected base, uniform or one of the experts chem" in one_error_line(
+        runner.invoke(app, ["eval", *common, "--task", "peptides", "--data", str(data), "--models", "base,chemistry"])
     )
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"task": "peptides", "prompt": "p", "completion": "c", "meta": {"kind": "x"}}) + "\n")

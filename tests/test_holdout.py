@@ -9,7 +9,7 @@ import pytest
 from xlora.science import PACKAGED
 from xlora.science.datasets import load_qm9
 from xlora.science.evaluate import read_items
-from xlora.science.testsets import HoldoutSizes, holdout_items, manifest_ids, used_ids, write_test_sets
+from xlora.science.testsets import HoldoutSizes, holdout_items, manifest_ids, used_acps, used_ids, write_test_sets
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,14 @@ def test_shipped_test_sets_are_large_balanced_and_unseen(qm9, shipped):
     test_smiles = [i.prompt.split()[1].rstrip(".") for i in items["molecule-properties"]]
     assert not set(test_smiles) & used_smiles
     assert len(set(test_ids["qm9_index_test"])) == 400 and len(set(test_ids["amp_sequences_test"])) == 200
+    # anticancer: balanced, unseen, and no peptide of the antimicrobial set
+    acp = [i.meta["anticancer"] for i in generated["anticancer"]]
+    assert len(items["anticancer"]) == 200 and len(acp) == 100 and sum(acp) == 50
+    assert not set(test_ids["acp_sequences_test"]) & used_acps(ids)
+    assert not set(test_ids["acp_sequences_test"]) & (amp_used | set(test_ids["amp_sequences_test"]))
+    # thermochemistry asks about the property task's test molecules
+    thermo = [i.prompt.split()[1] for i in items["molecule-thermo"]]
+    assert thermo == [i.prompt.split()[1] for i in items["molecule-properties"]]
     prop_ids = {i.meta["id"] for i in items["molecule-properties"]}
     assert not prop_ids & {i.meta["id"] for i in items["molecule-design"]}
     # reproducible, and another seed draws other items
@@ -58,7 +66,9 @@ def test_reproduce_staging_matches_the_shipped_split(shipped):
     ids, _ = shipped
     config = json.loads((PACKAGED / "manifest.json").read_text())["config"]
     _, _, _, staged = build_items(config_from_manifest(config))
-    assert staged == {k: ids[k] for k in staged}
+    shared = [k for k in staged if k in ids]  # a manifest from before the anticancer task lacks its ids
+    assert {"qm9_index_train", "qm9_index_gate", "amp_sequences_train", "amp_sequences_gate"} <= set(shared)
+    assert {k: staged[k] for k in shared} == {k: ids[k] for k in shared}
 
 
 def test_write_test_sets_resumes_and_follows_the_used_ids(tmp_path, shipped):

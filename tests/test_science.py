@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
 
 import pytest
 import torch
 from helpers import add_tiny_tokenizer, make_base
 
-from xlora.science.datasets import hill_formula, load_amps, load_qm9, split, split3
+from xlora.science.datasets import hill_formula, load_acps, load_amps, load_qm9, split, split3
 from xlora.science.tasks import TASKS, Item, formula_of, mean_baseline, net_charge, score
 
 
@@ -46,6 +47,15 @@ def test_amps_and_split():
         split(amps, 5000, 500, seed=0)
 
 
+def test_anticancer_set_and_thermo_fields(qm9):
+    acps = load_acps()
+    assert sum(p.anticancer for p in acps) == 343 and sum(not p.anticancer for p in acps) == 826
+    assert len({p.sequence for p in acps}) == len(acps)
+    assert not {p.sequence for p in acps} & {p.sequence for p in load_amps(unique=False)}  # no shared peptide
+    methane = qm9[0]  # QM9 row 1: Cv 6.469 cal/mol K, ZPVE 0.044749 Hartree
+    assert methane.cv == pytest.approx(6.469) and methane.zpve_ev == pytest.approx(0.044749 * 27.211386, rel=1e-6)
+
+
 def test_net_charge():
     # six lysines plus the termini at pH 7 (Biopython's pKa set): a little under +6
     assert 5.5 < net_charge("KKKKKK") < 6.0
@@ -76,6 +86,20 @@ def test_metrics_on_hand_made_cases():
     assert math.isnan(r["gap_mae_ev"]) and r["parsed_rate"] == pytest.approx(1 / 3)
     r = score("peptides", peps, ["charge +3.0", "no", "KKKKKK"])
     assert r["charge_mae"] == 0.0 and r["charge_parsed_rate"] == 0.5
+    thermo = [Item("molecule-thermo", "p", "", {"cv": 30.0, "zpve": 4.0})] * 2
+    r = score("molecule-thermo", thermo, ["Cv 31.50 cal/mol K; ZPVE 3.90 eV", "Cv 29.0"])
+    assert r["cv_mae"] == pytest.approx(1.25) and r["zpve_mae_ev"] == pytest.approx(0.1) and r["parsed_rate"] == 1.0
+    acp = [Item("anticancer", "p", "", {"anticancer": True}), Item("anticancer", "p", "", {"anticancer": False})]
+    assert score("anticancer", acp, ["anticancer: yes", "anticancer: yes"])["acp_accuracy"] == 0.5
+    assert score("anticancer", acp, ["yes", "anticancer: no"])["acp_accuracy"] == 0.5  # unparsed is wrong
+    with pytest.raises(ValueError, match="anticancer item 1: its meta lacks anticancer"):
+        score("anticancer", [Item("anticancer", "p", "", {})], ["anticancer: yes"])
+    assert mean_baseline("molecule-thermo", thermo, ["Cv 28.00; ZPVE 3.00", "Cv 30.00; ZPVE 4.00"]) == {
+        "cv_mae": pytest.approx(1.0),
+        "zpve_mae_ev": pytest.approx(0.5),
+    }
+    majority = mean_baseline("anticancer", acp * 2 + acp[:1], ["anticancer: no"] * 3 + ["anticancer: yes"])
+    assert majority == {"acp_accuracy": pytest.approx(2 / 5)}  # always "no": right on the 2 negatives of 5
     # the training-mean baseline: train answers 2 and 4 -> mean 3; targets 6 and 8 -> MAE 4 (gap)
     base = mean_baseline("molecule-properties", props, ["gap 2.00 eV; dipole 1.00 D", "gap 4.00 eV; dipole 3.00 D"])
     assert base == {"gap_mae_ev": pytest.approx(4.0), "dipole_mae_d": pytest.approx(0.5)}
@@ -98,6 +122,8 @@ def test_tiny_end_to_end(tmp_path):
         n_expert_molecules=20,
         n_expert_classify=14,
         n_expert_design=6,
+        n_expert_acp=8,
+        acp_gate_fresh=4,
         expert_batch_size=4,
         expert_steps=2,
         gate_steps=2,
@@ -113,6 +139,8 @@ def test_tiny_end_to_end(tmp_path):
         "expert molecule-properties",
         "expert molecule-design",
         "expert peptides",
+        "expert molecule-thermo",
+        "expert anticancer",
         "uniform mix (1/N)",
         "X-LoRA (trained gate)",
     }
@@ -134,13 +162,19 @@ def test_tiny_end_to_end(tmp_path):
     assert len(data["qm9_index_gate"]) == 8 and len(data["amp_sequences_gate"]) == 4
     assert not set(data["qm9_index_gate"]) & (set(data["qm9_index_train"]) | set(data["qm9_index_eval"]))
     assert not set(data["amp_sequences_gate"]) & (set(data["amp_sequences_train"]) | set(data["amp_sequences_eval"]))
-    assert len((cfg.work / "data" / "gate-train.jsonl").read_text().splitlines()) == 3 * 16 + 3 * 4
+    assert len(data["acp_sequences_train"]) == 8 and len(data["acp_sequences_gate"]) == 4
+    assert not set(data["acp_sequences_gate"]) & (set(data["acp_sequences_train"]) | set(data["acp_sequences_eval"]))
+    # 16 of each expert's examples (anticancer has 8 in all), then 4 fresh ones per task
+    assert len((cfg.work / "data" / "gate-train.jsonl").read_text().splitlines()) == 4 * 16 + 8 + 5 * 4
     # the larger test sets (200 per task by default): staged too, unseen by experts and gate
     seen_qm9 = set(data["qm9_index_train"]) | set(data["qm9_index_eval"]) | set(data["qm9_index_gate"])
     seen_amp = set(data["amp_sequences_train"]) | set(data["amp_sequences_eval"]) | set(data["amp_sequences_gate"])
     assert len(data["qm9_index_test"]) == 400 and not set(data["qm9_index_test"]) & seen_qm9
     assert len(data["amp_sequences_test"]) == 200 and not set(data["amp_sequences_test"]) & seen_amp
     assert len((cfg.work / "data" / "peptides-test.jsonl").read_text().splitlines()) == 200
+    assert len(data["acp_sequences_test"]) == 200 and not set(data["acp_sequences_test"]) & set(
+        data["acp_sequences_train"] + data["acp_sequences_eval"] + data["acp_sequences_gate"]
+    )
     assert json.loads((cfg.out / "xlora_config.json").read_text())["enable_softmax"] is False
     assert "| X-LoRA (trained gate) |" in (cfg.out / "results.md").read_text()
     # resumable: a second call reuses every stage
@@ -155,12 +189,13 @@ def test_tiny_end_to_end(tmp_path):
 def check_expert_reuse(cfg, tmp_path) -> None:
     """Committed experts are reused by a run with the same recipe (bit for bit, nothing trained) and
     ignored by a run with another recipe."""
-    from xlora.science.pipeline import commit_experts, stage_data, stage_experts
+    from xlora.science.pipeline import commit_experts, reusable_expert, stage_data, stage_experts
 
     store = tmp_path / "store"
     commit_experts(cfg, store)
     record = json.loads((store / "recipe.json").read_text())
-    assert record["recipe"]["expert_steps"] == 2 and set(record["train_s"]) == set(TASKS)
+    assert record["recipes"]["anticancer"]["expert_steps"] == 2 and set(record["train_s"]) == set(TASKS)
+    assert "n_expert_acp" not in record["recipes"]["peptides"]  # each expert's recipe: its own data only
     same = replace(cfg, work=tmp_path / "work-same", out=tmp_path / "ck-same")
     stage_data(same)
     for task, path in stage_experts(same, store=store).items():
@@ -174,6 +209,17 @@ def check_expert_reuse(cfg, tmp_path) -> None:
     # a work folder's finished experts are never mixed into a run of another recipe
     with pytest.raises(ValueError, match="an expert made with another recipe"):
         stage_experts(replace(other, expert_lr=0.25), store=store)
+    # other anticancer data: only that expert is retrained, the other four come from the store
+    fewer = replace(cfg, work=tmp_path / "work-fewer", out=tmp_path / "ck-fewer", n_expert_acp=6)
+    stage_data(fewer)
+    stage_experts(fewer, store=store)
+    assert set(json.loads((fewer.work / "runs" / "timings.json").read_text())) == {"expert anticancer"}
+    # a store of the session-6 layout (one "recipe" for its experts) is still reused
+    old = tmp_path / "store-old"
+    shutil.copytree(store, old)
+    (old / "recipe.json").write_text(json.dumps({"recipe": cfg.expert_recipe("peptides")}))
+    assert reusable_expert(old, "peptides", cfg.expert_recipe("peptides"))
+    assert not reusable_expert(old, "anticancer", cfg.expert_recipe("anticancer"))
 
 
 def experiment(name: str):
@@ -201,7 +247,7 @@ def check_gate_probe(cfg) -> None:
     gate = cfg.work / "probes" / "p" / "gate"
     config = json.loads((gate / "xlora_config.json").read_text())
     assert config["xlora_size"] == 8 and config["enable_softmax"] is False
-    assert len((cfg.work / "probes" / "p" / "gate-train.jsonl").read_text().splitlines()) == 3 * 16 + 3 * 4
+    assert len((cfg.work / "probes" / "p" / "gate-train.jsonl").read_text().splitlines()) == 4 * 16 + 8 + 5 * 4
     base, tok = load_base(cfg.base)
     model = XLoraModel.from_pretrained(base, gate).eval()
     for task in ("molecule-properties", "peptides"):
@@ -255,12 +301,13 @@ def test_shipped_demo_answers(tmp_path):
     from typer.testing import CliRunner
 
     from xlora.cli import app
+    from xlora.cli_science import DEMO_PROMPTS
     from xlora.science import shipped_checkpoint
 
     assert (shipped_checkpoint() / "xlora_config.json").is_file()
     r = CliRunner().invoke(app, ["demo", "--figures", str(tmp_path / "fig")])
     assert r.exit_code == 0, r.output
-    assert r.output.count("dominant expert:") == 3 and "| X-LoRA (trained gate) |" in r.output
+    assert r.output.count("dominant expert:") == len(DEMO_PROMPTS) and "| X-LoRA (trained gate) |" in r.output
     assert (tmp_path / "fig" / "routing_heatmap.png").is_file()
 
 

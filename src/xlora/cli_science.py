@@ -67,6 +67,8 @@ DEMO_PROMPTS = {
     "molecule-properties": "Molecule OC1=CC=CC=C1. Give its HOMO-LUMO gap in eV and its dipole in debye.",
     "molecule-design": "Design a molecule with formula C4H5NO. Answer with a SMILES.",
     "peptides": "Peptide GLFDIVKKVVGALGSL. Is it antimicrobial, and what is its net charge at pH 7?",
+    "molecule-thermo": "Molecule OC1=CC=CC=C1. Give its heat capacity Cv in cal/mol K and its zero-point energy in eV.",
+    "anticancer": "Peptide KLAKLAKKLAKLAK. Is it anticancer?",
 }
 
 
@@ -143,11 +145,15 @@ def demo(
 @app.command("eval")
 def eval_cmd(
     checkpoint: Annotated[Path, typer.Option(help="An X-LoRA checkpoint ('shipped': the science demo's).")],
-    task: Annotated[str, typer.Option(help="molecule-properties, molecule-design or peptides.")],
+    task: Annotated[str, typer.Option(help="One of the science tasks: molecule-properties, peptides, anticancer...")],
     data: Annotated[Path, typer.Option(help="JSONL of {task, prompt, completion, meta} records.")],
     baselines: Annotated[
         bool, typer.Option(help="Also the base model, each single expert and the uniform mix; X-LoRA minus the best.")
     ] = False,
+    models: Annotated[
+        str | None,
+        typer.Option(help="Only these baselines with X-LoRA, comma-separated: base, uniform, expert names."),
+    ] = None,
     base: str = "default",
     limit: Annotated[int | None, typer.Option(help="Only the first N records of the task (a quick look).")] = None,
     train_data: Annotated[
@@ -178,7 +184,7 @@ def eval_cmd(
     from .model import XLoraModel
     from .science.evaluate import read_items
     from .science.pipeline import MAX_NEW_TOKENS
-    from .science.scorecard import EvalOptions, evaluate_checkpoint, scorecard_table
+    from .science.scorecard import EvalOptions, evaluate_checkpoint, scorecard_table, select_variants
     from .science.tasks import TASKS
 
     if task not in TASKS:
@@ -207,6 +213,12 @@ def eval_cmd(
             _fail(f"{train_data}: no chat records ({{'messages': [...]}}) to take training SMILES from")
     model_base, tok = load_base(base, dtype=dtype, quantization=quantize)
     model = XLoraModel.from_pretrained(model_base, checkpoint_path(checkpoint)).eval()
+    only = [m.strip() for m in models.split(",") if m.strip()] if models is not None else None
+    if only is not None:
+        try:
+            select_variants(model, True, only)
+        except ValueError as e:
+            _fail(f"--{e}")
     opts = EvalOptions(
         MAX_NEW_TOKENS[task],
         resamples=resamples,
@@ -219,7 +231,7 @@ def eval_cmd(
     def progress(name: str) -> None:
         err.print(f"scoring {name} on {len(items)} items", highlight=False, soft_wrap=True, markup=False)
 
-    card = evaluate_checkpoint(model, tok, task, items, opts, baselines=baselines, progress=progress)
+    card = evaluate_checkpoint(model, tok, task, items, opts, baselines=baselines, progress=progress, only=only)
     out.print(scorecard_table(card), soft_wrap=True, highlight=False, markup=False)
 
 

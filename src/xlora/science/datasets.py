@@ -1,4 +1,5 @@
-"""Real science data shipped in PyPI packages, read offline: QM9 (qm9pack) and AMPs (modlamp).
+"""Real science data shipped in PyPI packages, read offline: QM9 (qm9pack), antimicrobial and
+anticancer peptides (modlamp).
 
 Files are located with `importlib.util.find_spec` instead of importing the packages: qm9pack's
 `__init__` needs `pkg_resources` and parses `sys.argv`, modlamp's pulls scikit-learn and pandas.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,8 @@ class Molecule:
     formula: str
     gap_ev: float
     dipole: float
+    cv: float = math.nan  # heat capacity at 298 K, cal/(mol K)
+    zpve_ev: float = math.nan  # zero-point vibrational energy, eV
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ def load_qm9(limit: int | None = None) -> list[Molecule]:
                         formula=hill_formula(counts),
                         gap_ev=float(row["HOMO_LUMO_gap_au"]) * HARTREE_EV,
                         dipole=float(row["Dipole_debye"]),
+                        cv=float(row["Heatcapacity_Cv_cal_mol_K"]),
+                        zpve_ev=float(row["ZPVE_au"]) * HARTREE_EV,
                     )
                 )
                 if limit is not None and len(out) >= limit:
@@ -85,6 +91,28 @@ def load_amps(name: str = "AMPvsUniProt.csv", unique: bool = True) -> list[Pepti
                 seen.add(seq)
                 out.append(Peptide(seq, label.strip() == "1"))
     return out
+
+
+@dataclass(frozen=True)
+class AnticancerPeptide:
+    sequence: str
+    anticancer: bool
+
+
+ACP_FILES = ("ACP_CancPPD_vs_Random.csv", "ACP_CancPPD_vs_TM.csv")
+
+
+def load_acps() -> list[AnticancerPeptide]:
+    """modlamp's anticancer sets: the same 413 CancerPPD anticancer peptides against random and against
+    transmembrane sequences (826 negatives). Sequences that are also in the antimicrobial set are
+    left out, so the anticancer task never shares a peptide with the antimicrobial one: 343 + 826."""
+    amp = {p.sequence for p in load_amps(unique=False)}
+    out: dict[str, AnticancerPeptide] = {}
+    for name in ACP_FILES:
+        for p in load_amps(name):
+            if p.sequence not in amp and p.sequence not in out:
+                out[p.sequence] = AnticancerPeptide(p.sequence, p.antimicrobial)  # the file's label: 1 = anticancer
+    return list(out.values())
 
 
 def split(items: list, n_train: int, n_eval: int, seed: int) -> tuple[list, list]:

@@ -8,9 +8,9 @@ uses a generator, also draws `samples` answers at `temperature` and combines the
   charge within 1), checked with RDKit / Biopython. The reference answer is never looked at, so this
   is a generate-and-test a user can run on any prompt; it measures "can the model produce a valid
   design within `samples + 1` tries", which is a different figure from greedy's and is reported as such.
-- numbers (gap, dipole, peptide charge): the median of each number over the answers that give it.
+- numbers (gap, dipole, peptide charge, Cv, ZPVE): the median of each number over the answers that give it.
   Greedy returns the mode of the model's distribution; the median is what minimises absolute error.
-- antimicrobial yes/no: the majority of the answers that give one (greedy breaks a tie).
+- antimicrobial and anticancer yes/no: the majority of the answers that give one (greedy breaks a tie).
 """
 
 from __future__ import annotations
@@ -94,6 +94,17 @@ def combine(task: str, item: Item, answers: list[str]) -> str:
         yes, no = votes.count("yes"), votes.count("no")
         label = ("yes" if yes > no else "no") if yes != no else votes[0]
         return f"antimicrobial: {label}; charge {statistics.median(charges):+.1f}"
+    if task == "molecule-thermo":
+        cvs, zpves = _numbers("Cv", answers), _numbers("ZPVE", answers)
+        if not cvs or not zpves:
+            return greedy
+        return f"Cv {statistics.median(cvs):.2f} cal/mol K; ZPVE {statistics.median(zpves):.2f} eV"
+    if task == "anticancer":
+        votes = [m.group(1) for a in answers if (m := re.search(r"anticancer:\s*(yes|no)", a))]
+        if not votes:
+            return greedy
+        yes, no = votes.count("yes"), votes.count("no")
+        return f"anticancer: {('yes' if yes > no else 'no') if yes != no else votes[0]}"
     return greedy
 
 

@@ -132,6 +132,11 @@ COLUMNS = [
     ("peptides/charge_mae", "charge MAE", "low"),
     ("peptides/design_satisfied_rate", "design ok", "high"),
     ("peptides/eval_loss", "peptide loss", "low"),
+    ("molecule-thermo/cv_mae", "Cv MAE (cal/mol K)", "low"),
+    ("molecule-thermo/zpve_mae_ev", "ZPVE MAE (eV)", "low"),
+    ("molecule-thermo/eval_loss", "thermo loss", "low"),
+    ("anticancer/acp_accuracy", "ACP accuracy", "high"),
+    ("anticancer/eval_loss", "ACP loss", "low"),
 ]
 
 

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .datasets import load_amps, load_qm9, split3
-from .tasks import TASKS, Item, design_item, formula_item, peptide_items, property_item
+from .splits import build_items, chat_record, gate_records
+from .tasks import TASKS
 from .testsets import TEST_KEYS, HoldoutSizes, write_test_sets
 
-MAX_NEW_TOKENS = {"molecule-properties": 24, "molecule-design": 32, "peptides": 40}
+MAX_NEW_TOKENS = {
+    "molecule-properties": 24, "molecule-design": 32, "peptides": 40, "molecule-thermo": 28, "anticancer": 8,
+}  # fmt: skip
 
 
 @dataclass
@@ -41,6 +43,10 @@ class ReproduceConfig:
     n_expert_classify: int = 1600
     n_expert_design: int = 480
     expert_formula_items: bool = True  # half the design expert's molecules go SMILES -> formula
+    # session 8's two more domains: the thermochemistry expert trains on the property expert's
+    # molecules; anticancer peptides (balanced), few because modlamp has 343 usable anticancer ones
+    n_expert_acp: int = 360
+    acp_gate_fresh: int = 80  # fresh anticancer gate examples (balanced), instead of gate_fresh
     expert_steps: int = 160
     expert_batch_size: int = 16
     gate_steps: int = 240
@@ -63,13 +69,18 @@ class ReproduceConfig:
     n_test: int = 200  # per task, scored by loss
     n_test_generate: int = 100  # per generated metric
 
-    def expert_recipe(self) -> dict:
-        """What decides the experts' weights (data, steps, LoRA shape, base): equal recipes, equal experts."""
+    def expert_recipe(self, task: str) -> dict:
+        """What decides one task's expert (its data sizes, steps, LoRA shape, base): equal recipes,
+        equal experts. The first three tasks keep the recipe they were committed with in session 6."""
+        data = {
+            "molecule-thermo": ("n_expert_molecules",),
+            "anticancer": ("n_expert_acp",),
+        }.get(task, ("n_expert_molecules", "n_expert_classify", "n_expert_design", "expert_formula_items"))
         keys = (
-            "base", "seed", "n_expert_molecules", "n_expert_classify", "n_expert_design", "expert_formula_items",
-            "expert_steps", "expert_batch_size", "rank", "alpha", "targets", "expert_lr", "max_length",
+            "base", "seed", *data, "expert_steps", "expert_batch_size", "rank", "alpha", "targets", "expert_lr",
+            "max_length",
         )  # fmt: skip
-        return {k: getattr(self, k) for k in keys}
+        return json.loads(json.dumps({k: getattr(self, k) for k in keys}, default=str))
 
 
 def config_from_manifest(config: dict) -> ReproduceConfig:
@@ -91,80 +102,6 @@ def config_from_manifest(config: dict) -> ReproduceConfig:
 # ---------------------------------------------------------------------- data
 
 
-ItemsByTask = dict[str, list[Item]]
-
-
-def build_items(cfg: ReproduceConfig) -> tuple[ItemsByTask, ItemsByTask, ItemsByTask, dict]:
-    """Expert-training, held-out and fresh gate items per task, and the ids of each (for the manifest).
-
-    The fresh gate items come after the train and held-out samples in the same shuffled orders, so
-    `gate_fresh` never changes what the experts train on or what is evaluated. Every molecule and
-    every peptide sequence is in exactly one place."""
-    nm, ne, ng = cfg.n_expert_molecules, cfg.n_eval, cfg.gate_fresh
-    nc, nd = cfg.n_expert_classify, cfg.n_expert_design
-    mol_train, mol_eval, mol_gate = split3(load_qm9(), 2 * nm, 2 * ne, 2 * ng, cfg.seed)
-    amps = load_amps()
-    pos = [p for p in amps if p.antimicrobial and 8 <= len(p.sequence) <= 30]
-    pep_train, pep_eval, pep_rest = split3(amps, nc, ne // 2, len(amps) - nc - ne // 2, cfg.seed)
-    used = {p.sequence for p in pep_train} | {p.sequence for p in pep_eval}
-    pos = [p for p in pos if p.sequence not in used]
-    if nd + ne // 2 > len(pos):
-        raise ValueError(f"n_expert_design={nd}: only {len(pos)} designable peptides are left after the others")
-    des_train, des_eval, des_rest = split3(pos, nd, ne // 2, len(pos) - nd - ne // 2, cfg.seed + 1)
-    used |= {p.sequence for p in des_train} | {p.sequence for p in des_eval}
-    pep_gate = [p for p in pep_rest if p.sequence not in used][: ng // 2]
-    used |= {p.sequence for p in pep_gate}
-    des_gate = [p for p in des_rest if p.sequence not in used][: ng // 2]
-    if len(pep_gate) < ng // 2 or len(des_gate) < ng // 2:
-        raise ValueError(f"gate_fresh={ng}: not enough unused peptides left after the train and held-out sets")
-
-    def design(mols: list, train: bool) -> list[Item]:
-        if not (train and cfg.expert_formula_items):
-            return [design_item(m) for m in mols]
-        return [design_item(m) if i % 2 == 0 else formula_item(m) for i, m in enumerate(mols)]
-
-    def tasks(mol: list, pep: list, des: list, n: int, train: bool = False) -> ItemsByTask:
-        return {
-            "molecule-properties": [property_item(m) for m in mol[:n]],
-            "molecule-design": design(mol[n:], train),
-            "peptides": [peptide_items(p, False) for p in pep] + [peptide_items(p, True) for p in des],
-        }
-
-    def seqs(*groups: list) -> list[str]:
-        return sorted({p.sequence for g in groups for p in g})
-
-    ids = {
-        "qm9_index_train": sorted(int(m.id) for m in mol_train),
-        "qm9_index_eval": sorted(int(m.id) for m in mol_eval),
-        "amp_sequences_train": seqs(pep_train, des_train),
-        "amp_sequences_eval": seqs(pep_eval, des_eval),
-    }
-    if ng:
-        ids |= {"qm9_index_gate": sorted(int(m.id) for m in mol_gate), "amp_sequences_gate": seqs(pep_gate, des_gate)}
-    return (
-        tasks(mol_train, pep_train, des_train, nm, train=True),
-        tasks(mol_eval, pep_eval, des_eval, ne),
-        tasks(mol_gate, pep_gate, des_gate, ng),
-        ids,
-    )
-
-
-def chat_record(it: Item) -> dict:
-    return {"messages": [{"role": "user", "content": it.prompt}, {"role": "assistant", "content": it.answer}]}
-
-
-def gate_share(items: list[Item], n: int) -> list[Item]:
-    """`n` of an expert's training items spread evenly over its list (so peptides keep both kinds)."""
-    stride = max(1, len(items) // max(n, 1))
-    return items[::stride][:n]
-
-
-def gate_records(train: ItemsByTask, fresh: ItemsByTask, n_train: int) -> list[dict]:
-    """The gate's data: `n_train` of each expert's training examples, then the fresh ones no expert saw."""
-    seen = [chat_record(i) for task in TASKS for i in gate_share(train[task], n_train)]
-    return seen + [chat_record(i) for task in TASKS for i in fresh[task]]
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -178,7 +115,8 @@ def stage_data(cfg: ReproduceConfig) -> dict:
     marker, settings_file = data / "ids.json", data / "data-settings.json"
     ids = json.loads(marker.read_text()) if marker.is_file() else {}
     keys = ("seed", "n_train", "n_eval", "n_expert_molecules", "n_expert_classify", "n_expert_design")
-    settings = {k: getattr(cfg, k) for k in (*keys, "expert_formula_items", "gate_fresh")}
+    keys += ("expert_formula_items", "gate_fresh", "n_expert_acp", "acp_gate_fresh")
+    settings = {k: getattr(cfg, k) for k in keys} | {"tasks": list(TASKS)}
     done = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
     if done != settings or not (data / "gate-train.jsonl").is_file():
         # (re)build everything: another recipe's files must not be trained on silently
@@ -227,9 +165,9 @@ def stage_experts(cfg: ReproduceConfig, store: Path | None = EXPERT_STORE) -> di
     from ..data import load_dataset
     from ..train import LoraOptions, train_expert
 
-    recipe = json.loads(json.dumps(cfg.expert_recipe(), default=str))
     experts = {}
     for task in TASKS:
+        recipe = cfg.expert_recipe(task)
         out = cfg.work / "experts" / task
         experts[task] = out
         sidecar = out.with_name(f"{task}.recipe.json")  # the recipe the expert in `out` was made with
@@ -271,12 +209,15 @@ def commit_experts(cfg: ReproduceConfig, store: Path = EXPERT_STORE) -> None:
 
     timings = cfg.work / "runs" / "timings.json"
     times = json.loads(timings.read_text()) if timings.is_file() else {}
+    previous = store / "recipe.json"
+    before = json.loads(previous.read_text()).get("train_s", {}) if previous.is_file() else {}
     with atomic_directory(store, overwrite=True, replaces=None) as tmp:
         for task in TASKS:
             shutil.copytree(cfg.work / "experts" / task, Path(tmp) / task)
         record = {
-            "recipe": json.loads(json.dumps(cfg.expert_recipe(), default=str)),
-            "train_s": {t: times.get(f"expert {t}") for t in TASKS},
+            "recipes": {t: cfg.expert_recipe(t) for t in TASKS},
+            # an expert this run reused keeps the training time recorded when it was trained
+            "train_s": {t: times.get(f"expert {t}", before.get(t)) for t in TASKS},
             "machine": {"cores": torch.get_num_threads(), "torch": torch.__version__},
         }
         (Path(tmp) / "recipe.json").write_text(json.dumps(record, indent=1))
@@ -287,7 +228,9 @@ def reusable_expert(store: Path, task: str, recipe: dict) -> bool:
     path = store / "recipe.json"
     if not path.is_file() or not (store / task / "adapter_config.json").is_file():
         return False
-    return json.loads(path.read_text()).get("recipe") == recipe
+    record = json.loads(path.read_text())
+    # a store from session 6-7 holds one "recipe" shared by its three experts
+    return record.get("recipes", {}).get(task, record.get("recipe")) == recipe
 
 
 def record_time(cfg: ReproduceConfig, stage: str, seconds: float) -> None:

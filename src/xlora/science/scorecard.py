@@ -144,14 +144,36 @@ def paired_vs_best_expert(scores: list[ModelScore], opts: EvalOptions) -> dict[s
     return out
 
 
+def select_variants(model, baselines: bool, only: list[str] | None = None) -> dict[str, object]:
+    """X-LoRA, plus every baseline (`baselines`) or just the ones named in `only` ("base", "uniform",
+    or an expert's name): a subset saves time when the other baselines were scored before."""
+    every = model_variants(model)
+    if only is None:
+        return every if baselines else {XLORA: every[XLORA]}
+    names = {"base": "base", "uniform": "uniform mix (1/N)"} | {n: f"expert {n}" for n in model.expert_names}
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise ValueError(f"models: unknown {', '.join(unknown)}; expected base, uniform or one of the experts "
+                         f"{', '.join(model.expert_names)}")  # fmt: skip
+    wanted = {names[n] for n in only} | {XLORA}
+    return {name: mode for name, mode in every.items() if name in wanted}
+
+
 def evaluate_checkpoint(
-    model, tok, task: str, items: list[Item], opts: EvalOptions, baselines: bool = False, progress=None
+    model,
+    tok,
+    task: str,
+    items: list[Item],
+    opts: EvalOptions,
+    baselines: bool = False,
+    progress=None,
+    only: list[str] | None = None,
 ) -> Scorecard:
-    """Score the X-LoRA `model` (and with `baselines` the base, single experts, uniform mix) on `items`.
-    `progress(name)` is called before each model, for a line on the console."""
+    """Score the X-LoRA `model` (and with `baselines` the base, single experts, uniform mix, or the
+    baselines named in `only`) on `items`. `progress(name)` is called before each model."""
     if not items:
         raise ValueError(f"no items for task {task}")
-    modes = model_variants(model) if baselines else {XLORA: model_variants(model)[XLORA]}
+    modes = select_variants(model, baselines, only)
     scores = []
     for name, mode in modes.items():
         if progress is not None:

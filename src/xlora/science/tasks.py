@@ -1,9 +1,12 @@
-"""The three tasks: prompt/answer builders, answer parsers and metrics.
+"""The five tasks: prompt/answer builders, answer parsers and metrics.
 
 molecule-properties  SMILES -> HOMO-LUMO gap (eV, 2 decimals) and dipole (debye)
 molecule-design      formula -> a SMILES with exactly that formula
 peptides             sequence -> antimicrobial yes/no and net charge at pH 7; and the inverse,
                      "design an antimicrobial peptide of length L with net charge +q" -> sequence
+molecule-thermo      SMILES -> heat capacity Cv (cal/mol K) and zero-point energy (eV): QM9's
+                     thermochemistry, a second property family on the same molecules
+anticancer           sequence -> anticancer yes/no (modlamp's CancerPPD sets)
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ import re
 import statistics
 from dataclasses import dataclass
 
-from .datasets import Molecule, Peptide
+from .datasets import AnticancerPeptide, Molecule, Peptide
 
-TASKS = ("molecule-properties", "molecule-design", "peptides")
+TASKS = ("molecule-properties", "molecule-design", "peptides", "molecule-thermo", "anticancer")
 AMINO = set("ACDEFGHIKLMNPQRSTVWY")
 
 
@@ -61,6 +64,24 @@ def property_item(m: Molecule) -> Item:
         f"Molecule {m.smiles}. Give its HOMO-LUMO gap in eV and its dipole in debye.",
         f"gap {m.gap_ev:.2f} eV; dipole {m.dipole:.2f} D",
         {"gap": m.gap_ev, "dipole": m.dipole, "id": m.id},
+    )
+
+
+def thermo_item(m: Molecule) -> Item:
+    return Item(
+        "molecule-thermo",
+        f"Molecule {m.smiles}. Give its heat capacity Cv in cal/mol K and its zero-point energy in eV.",
+        f"Cv {m.cv:.2f} cal/mol K; ZPVE {m.zpve_ev:.2f} eV",
+        {"cv": m.cv, "zpve": m.zpve_ev, "id": m.id},
+    )
+
+
+def anticancer_item(p: AnticancerPeptide) -> Item:
+    return Item(
+        "anticancer",
+        f"Peptide {p.sequence}. Is it anticancer?",
+        f"anticancer: {'yes' if p.anticancer else 'no'}",
+        {"anticancer": p.anticancer},
     )
 
 
@@ -118,8 +139,11 @@ META_KEYS = {  # what scoring reads from each item's meta
     "molecule-design": ("formula",),
     "peptides/classify": ("kind", "antimicrobial", "charge"),
     "peptides/design": ("kind", "length", "charge"),
+    "molecule-thermo": ("cv", "zpve"),
+    "anticancer": ("anticancer",),
 }
-MAE_METRICS = ("gap_mae_ev", "dipole_mae_d", "charge_mae")  # per-item absolute errors, None = unparsed
+# per-item absolute errors, None = unparsed
+MAE_METRICS = ("gap_mae_ev", "dipole_mae_d", "charge_mae", "cv_mae", "zpve_mae_ev")
 
 
 def _check_meta(task: str, it: Item, n: int) -> None:
@@ -188,6 +212,21 @@ def outcomes(
             "charge_parsed_rate": [float(x is not None) for x in charge_err],
             "design_satisfied_rate": sat,
         }
+    if task == "molecule-thermo":
+        cvs: list[float | None] = []
+        zpves: list[float | None] = []
+        for it, a in zip(items, answers):
+            c = re.search(r"Cv\s*" + _NUM, a)
+            z = re.search(r"ZPVE\s*" + _NUM, a)
+            cvs.append(abs(float(c.group(1)) - it.meta["cv"]) if c else None)
+            zpves.append(abs(float(z.group(1)) - it.meta["zpve"]) if z else None)
+        return {"cv_mae": cvs, "zpve_mae_ev": zpves, "parsed_rate": [float(x is not None) for x in cvs]}
+    if task == "anticancer":
+        acc_acp = []
+        for it, a in zip(items, answers):
+            yes = re.search(r"anticancer:\s*(yes|no)", a)
+            acc_acp.append(float(bool(yes) and (yes.group(1) == "yes") == it.meta["anticancer"]))
+        return {"acp_accuracy": acc_acp}
     if task == "composite":
         from .composite import composite_outcomes
 
@@ -213,16 +252,21 @@ def score(task: str, items: list[Item], answers: list[str], train_smiles: set[st
 
 def mean_baseline(task: str, items: list[Item], train_answers: list[str]) -> dict[str, float]:
     """MAE of always answering the training mean, for the task's numeric answers (gap, dipole,
-    peptide charge): the bar a model has to clear to have learnt anything about the inputs."""
+    peptide charge, Cv, ZPVE), and for anticancer the accuracy of always giving the training set's
+    majority answer: the bar a model has to clear to have learnt anything about the inputs."""
     fields = {
         "molecule-properties": [("gap_mae_ev", "gap"), ("dipole_mae_d", "dipole")],
         "peptides": [("charge_mae", "charge")],
+        "molecule-thermo": [("cv_mae", "Cv"), ("zpve_mae_ev", "ZPVE")],  # meta keys: the word in lower case
     }
     out = {}
     for metric, word in fields.get(task, []):
         values = [float(m.group(1)) for a in train_answers if (m := re.search(word + r"\s*" + _NUM, a))]
-        targets = [it.meta[word] for it in items if it.meta.get("kind", "classify") == "classify"]
+        targets = [it.meta[word.lower()] for it in items if it.meta.get("kind", "classify") == "classify"]
         if values and targets:
             mean = statistics.fmean(values)
             out[metric] = statistics.fmean(abs(mean - t) for t in targets)
+    if task == "anticancer":  # the training set's majority answer, always
+        yes = sum("anticancer: yes" in a for a in train_answers) * 2 >= len(train_answers)
+        out["acp_accuracy"] = statistics.fmean(float(it.meta["anticancer"] == yes) for it in items) if items else 0.0
     return out

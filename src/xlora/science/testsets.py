@@ -9,7 +9,9 @@ shipped checkpoint's manifest is enough to rebuild its test sets without retrain
 
 Per task (defaults): 200 items scored by loss; the answers of 100 of them are generated and scored
 (`meta["loss_only"]` marks the others). Peptides: 100 classification items, half antimicrobial,
-and 100 design items, all generated, so each peptide metric has 100 items.
+and 100 design items, all generated, so each peptide metric has 100 items. The thermochemistry
+task asks about the property task's test molecules; anticancer peptides are balanced, drawn from
+their own stream (so adding them left the other tasks' test sets as they were).
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .datasets import Molecule, Peptide, load_amps, load_qm9
-from .tasks import TASKS, Item, design_item, peptide_items, property_item
+from .datasets import AnticancerPeptide, Molecule, Peptide, load_acps, load_amps, load_qm9
+from .tasks import TASKS, Item, anticancer_item, design_item, peptide_items, property_item, thermo_item
 
-TEST_KEYS = ("qm9_index_test", "amp_sequences_test")
+TEST_KEYS = ("qm9_index_test", "amp_sequences_test", "acp_sequences_test")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,11 @@ def used_ids(ids: dict) -> tuple[set[int], set[str]]:
     if not qm9 or not amp:
         raise ValueError("the run's ids name no QM9 molecules or no peptides: is this a reproduce manifest?")
     return qm9, amp
+
+
+def used_acps(ids: dict) -> set[str]:
+    """Anticancer sequences the run used (none for a run from before the anticancer task)."""
+    return {str(s) for k, v in ids.items() if k.startswith("acp_sequences_") and k not in TEST_KEYS for s in v}
 
 
 def _sample(pool: list, n: int, rng: random.Random, what: str) -> list:
@@ -77,11 +84,24 @@ def draw_test(
     return mols, classify, design
 
 
+def draw_anticancer_test(ids: dict, seed: int, sizes: HoldoutSizes = HoldoutSizes()) -> list[AnticancerPeptide]:
+    """`n_loss` anticancer test peptides, half anticancer, alternating (any prefix is balanced),
+    unused by the run; its own random stream, so the other test sets do not depend on it."""
+    sizes.check()
+    rng = random.Random(f"xlora-test-acp-{seed}")
+    pool = [p for p in load_acps() if p.sequence not in used_acps(ids)]
+    half = sizes.n_loss // 2
+    pos = _sample([p for p in pool if p.anticancer], half, rng, "anticancer peptides")
+    neg = _sample([p for p in pool if not p.anticancer], half, rng, "non-anticancer peptides")
+    return [p for pair in zip(pos, neg) for p in pair]
+
+
 def holdout_items(
     ids: dict, seed: int, sizes: HoldoutSizes = HoldoutSizes(), molecules: list[Molecule] | None = None
 ) -> tuple[dict[str, list[Item]], dict]:
     """Test items per task and their ids (`qm9_index_test`, `amp_sequences_test`) for the manifest."""
     mols, classify, design = draw_test(ids, seed, sizes, molecules)
+    acps = draw_anticancer_test(ids, seed, sizes)
     n, g = sizes.n_loss, sizes.n_generate
 
     def flag(items: list[Item], n_generated: int) -> list[Item]:
@@ -95,10 +115,13 @@ def holdout_items(
         "molecule-design": flag([design_item(m) for m in mols[n:]], g),
         "peptides": flag([peptide_items(p, False) for p in classify], g)
         + flag([peptide_items(p, True) for p in design], g),
+        "molecule-thermo": flag([thermo_item(m) for m in mols[:n]], g),
+        "anticancer": flag([anticancer_item(p) for p in acps], g),
     }
     test_ids = {
         "qm9_index_test": sorted(int(m.id) for m in mols),
         "amp_sequences_test": sorted(p.sequence for p in classify + design),
+        "acp_sequences_test": sorted(p.sequence for p in acps),
     }
     return items, test_ids
 
@@ -110,7 +133,7 @@ def write_test_sets(folder: Path, ids: dict, seed: int, sizes: HoldoutSizes = Ho
     marker = folder / "test-ids.json"
     files = [folder / f"{task}-test.jsonl" for task in TASKS]
     qm9, amp = used_ids(ids)  # a run with other training ids needs other test sets
-    used = hashlib.sha1(json.dumps([sorted(qm9), sorted(amp)]).encode()).hexdigest()
+    used = hashlib.sha1(json.dumps([sorted(qm9), sorted(amp), sorted(used_acps(ids))]).encode()).hexdigest()
     settings = {"test_seed": seed, "test_n_loss": sizes.n_loss, "test_n_generate": sizes.n_generate, "used_sha1": used}
     if marker.is_file() and all(f.is_file() for f in files):
         done = json.loads(marker.read_text())
@@ -142,4 +165,6 @@ def manifest_ids(checkpoint: Path) -> tuple[dict, int]:
     return data, int(config.get("seed", 0))
 
 
-__all__ = ["HoldoutSizes", "draw_test", "manifest_ids", "holdout_items", "used_ids", "write_test_sets"]
+__all__ = [
+    "HoldoutSizes", "draw_anticancer_test", "draw_test", "manifest_ids", "holdout_items", "used_ids", "write_test_sets",
+]  # fmt: skip
