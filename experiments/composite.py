@@ -26,7 +26,8 @@ from xlora.cli import checkpoint_path
 from xlora.generation import SamplingOptions, iter_generate
 from xlora.science.composite import COMPOSITE, composite_items
 from xlora.science.datasets import load_qm9
-from xlora.science.scorecard import EvalOptions, evaluate_checkpoint, scorecard_table
+from xlora.science.extra_gate import train_gate_plus
+from xlora.science.scorecard import EvalOptions, evaluate_checkpoint, paired_rows, scorecard_table
 from xlora.science.testsets import manifest_ids, used_ids
 
 
@@ -45,57 +46,6 @@ def routing_along(model, tok, prompt: str, max_new_tokens: int = 32) -> list[str
     return rows
 
 
-def train_composite_gate(work: Path, checkpoint: Path, train_items: list) -> Path:
-    """The shipped gate's recipe on gate-train.jsonl + the composite items (resumable; one epoch)."""
-    import math
-
-    from xlora.data import load_dataset
-    from xlora.science.pipeline import ReproduceConfig, gate_config, stage_args
-    from xlora.train import train_gate
-
-    out = work / "composite-gate"
-    if (out / "xlora_config.json").is_file():
-        return out
-    data = work / "data" / "composite-gate-train.jsonl"
-    rows = (work / "data" / "gate-train.jsonl").read_text().splitlines()
-    for it in train_items:
-        chat = [{"role": "user", "content": it.prompt}, {"role": "assistant", "content": it.answer}]
-        rows.append(json.dumps({"messages": chat}))
-    data.write_text("".join(r + "\n" for r in rows))
-    cfg = ReproduceConfig(work=work, out=out)
-    base, tok = load_base(cfg.base)
-    experts = {
-        name: checkpoint / name for name in json.loads((checkpoint / "xlora_config.json").read_text())["adapters"]
-    }
-    torch.manual_seed(cfg.seed)
-    model = XLoraModel.from_experts(base, experts, gate_config(cfg), base_model_id=cfg.base)
-    ds = load_dataset(data, tok, cfg.max_length)
-    steps = math.ceil(len(ds) / cfg.batch_size)  # one pass, as the shipped gate's 240 steps of 8 over 1920
-    print(f"training the composite gate: {len(ds)} examples ({len(train_items)} composite), {steps} steps", flush=True)
-    train_gate(
-        model, ds, None, stage_args(cfg, out, "composite-gate", steps, cfg.gate_lr), pad_token_id=tok.pad_token_id or 0
-    )
-    return out
-
-
-def paired_rows(trained, zero_shot, opts) -> list[str]:
-    """Markdown rows: per metric, the trained gate minus the zero-shot gate on the same items."""
-    from xlora.science.scorecard import LOSS
-    from xlora.science.stats import paired_available, paired_difference
-
-    rows = ["| metric | composite-trained minus zero-shot [95 % CI] | n |", "|---|---:|---:|"]
-    for metric, values in trained.values.items():
-        if metric == LOSS:
-            d = paired_difference(values, zero_shot.values[metric], trained.loss_tokens, seed=opts.seed)
-        else:
-            a, b = paired_available(values, zero_shot.values[metric])
-            if not a:
-                continue
-            d = paired_difference(a, b, seed=opts.seed)
-        rows.append(f"| {metric} | {d.estimate:+.3f} [{d.low:+.3f}, {d.high:+.3f}] | {d.n} |")
-    return rows
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="shipped")
@@ -105,7 +55,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, help="A reproduce work folder (data/gate-train.jsonl): train a gate.")
     p.add_argument("--n-train", type=int, default=320, help="Composite examples added to the gate data.")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--models", help="Only these baselines with X-LoRA (comma-separated: base, uniform, expert names).")
     a = p.parse_args()
+    only = [m.strip() for m in a.models.split(",")] if a.models else None
     torch.set_num_threads(a.threads)
 
     checkpoint = checkpoint_path(Path(a.checkpoint))
@@ -123,20 +75,20 @@ def main() -> None:
     base, tok = load_base("default")
     model = XLoraModel.from_pretrained(base, checkpoint)
     opts = EvalOptions(max_new_tokens=32)
-    card = evaluate_checkpoint(model, tok, COMPOSITE, items, opts, baselines=True, progress=print)
+    card = evaluate_checkpoint(model, tok, COMPOSITE, items, opts, baselines=True, progress=print, only=only)
     print(f"\ncomposite task, {a.n} unseen QM9 molecules, zero-shot (no expert or gate saw this format)\n")
     print(scorecard_table(card))
     print(f"\nrouting along one X-LoRA answer: {items[0].prompt} (reference: {items[0].answer})\n")
     print("\n".join(routing_along(model, tok, items[0].prompt)))
     if a.work is None:
         return
-    gate = train_composite_gate(a.work, checkpoint, train_items)
+    gate = train_gate_plus(a.work, checkpoint, train_items, "composite-gate")
     experts = {n: checkpoint / n for n in model.expert_names}
     trained = XLoraModel.from_pretrained(model.unload(), gate, adapters=experts)
     card2 = evaluate_checkpoint(trained, tok, COMPOSITE, items, opts, baselines=False, progress=print)
     print(f"\nX-LoRA with the gate also trained on {a.n_train} composite examples (molecules disjoint from these)\n")
     print(scorecard_table(card2))
-    print("\n" + "\n".join(paired_rows(card2.models[-1], card.models[-1], opts)))
+    print("\n" + "\n".join(paired_rows(card2.models[-1], card.models[-1], opts, "composite-trained minus zero-shot")))
     print("\nrouting along the same answer, composite-trained gate\n")
     print("\n".join(routing_along(trained, tok, items[0].prompt)))
 

@@ -26,14 +26,16 @@ def main() -> None:
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--models", help="Only these baselines with X-LoRA (comma-separated: base, uniform, expert names).")
     a = p.parse_args()
+    only = [m.strip() for m in a.models.split(",")] if a.models else None
     torch.set_num_threads(a.threads)
 
     items = retention_items(a.n, a.seed)
     base, tok = load_base("default")
     model = XLoraModel.from_pretrained(base, checkpoint_path(Path(a.checkpoint)))
     opts = EvalOptions(max_new_tokens=12)
-    card = evaluate_checkpoint(model, tok, RETENTION, items, opts, baselines=True, progress=print)
+    card = evaluate_checkpoint(model, tok, RETENTION, items, opts, baselines=True, progress=print, only=only)
     print(f"\nretention, {a.n} generated questions (seed {a.seed}), greedy, chat template\n")
     print(scorecard_table(card))
 

@@ -182,8 +182,29 @@ def test_tiny_end_to_end(tmp_path):
     with pytest.raises(ValueError, match=r"xlora_config.json: a gate with other settings \(xlora_size=8\)"):
         reproduce(replace(cfg, gate_size=16))  # never silently reuse a gate of other settings
     check_forced_routing(cfg)
+    check_gate_plus(cfg)
     check_gate_probe(cfg)
     check_expert_reuse(cfg, tmp_path)
+
+
+def check_gate_plus(cfg) -> None:
+    """The extra-data gate of the composite and general-prompt experiments: the run's gate data plus
+    the extra items, the run's gate settings and base, resumable."""
+    from xlora.science.extra_gate import train_gate_plus
+
+    extra = [Item("general", "Spell the word apple backwards.", "elppa", {})]
+    gate = train_gate_plus(cfg.work, cfg.out, extra, "plus", steps=2)
+    lines = (cfg.work / "data" / "plus-train.jsonl").read_text().splitlines()
+    assert lines[:-1] == (cfg.work / "data" / "gate-train.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["messages"][1]["content"] == "elppa"
+    config = json.loads((gate / "xlora_config.json").read_text())
+    assert (
+        config["xlora_size"] == cfg.gate_size
+        and config["adapters"] == json.loads((cfg.out / "xlora_config.json").read_text())["adapters"]
+    )
+    stamp = (gate / "xlora_classifier.safetensors").stat().st_mtime_ns
+    assert train_gate_plus(cfg.work, cfg.out, extra, "plus", steps=2) == gate  # done: not retrained
+    assert (gate / "xlora_classifier.safetensors").stat().st_mtime_ns == stamp
 
 
 def check_expert_reuse(cfg, tmp_path) -> None:

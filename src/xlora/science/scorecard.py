@@ -214,6 +214,22 @@ def scorecard_table(card: Scorecard) -> str:
     return "\n".join(lines)
 
 
+def paired_rows(a: ModelScore, b: ModelScore, opts: EvalOptions, label: str) -> list[str]:
+    """Markdown rows: per metric, model `a` minus model `b` on the same items (paired; the loss
+    token-weighted), for comparing two gates or two recipes."""
+    rows = [f"| metric | {label} [95 % CI] | n |", "|---|---:|---:|"]
+    for metric, values in a.values.items():
+        if metric == LOSS:
+            d = paired_difference(values, b.values[metric], a.loss_tokens, resamples=opts.resamples, seed=opts.seed)
+        else:
+            x, y = paired_available(values, b.values[metric])
+            if not x:
+                continue
+            d = paired_difference(x, y, resamples=opts.resamples, seed=opts.seed)
+        rows.append(f"| {metric} | {d.estimate:+.3f} [{d.low:+.3f}, {d.high:+.3f}] | {d.n} |")
+    return rows
+
+
 def _cells(iv: Interval, signed: bool = False) -> str:
     if iv.n == 0 or math.isnan(iv.estimate):
         return f"n/a | - | {iv.n}"
@@ -221,4 +237,7 @@ def _cells(iv: Interval, signed: bool = False) -> str:
     return f"{f.format(iv.estimate)} | [{f.format(iv.low)}, {f.format(iv.high)}] | {iv.n}"
 
 
-__all__ = ["EvalOptions", "Scorecard", "evaluate_checkpoint", "item_losses", "scorecard_table"]
+__all__ = [
+    "EvalOptions", "Scorecard", "evaluate_checkpoint", "item_losses", "paired_rows", "scorecard_table",
+    "select_variants",
+]  # fmt: skip

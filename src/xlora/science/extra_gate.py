@@ -1,0 +1,51 @@
+"""A gate trained like the shipped one, on the reproduce run's gate data plus extra examples: how the
+composite and general-prompt experiments test what a gate learns from data it has not seen."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .tasks import Item
+
+
+def train_gate_plus(work: Path, checkpoint: Path, extra: list[Item], name: str, steps: int | None = None) -> Path:
+    """Train a gate over `checkpoint`'s experts (frozen) on `work/data/gate-train.jsonl` plus `extra`,
+    with the gate settings and base of the checkpoint's reproduce run (its manifest); `steps` defaults
+    to one pass. Written to `work/name` (resumable: a finished gate there is returned as it is)."""
+    from ..base_models import load_base
+    from ..data import load_dataset
+    from ..model import XLoraModel
+    from ..train import train_gate
+    from .pipeline import config_from_manifest, gate_config, stage_args
+
+    out = work / name
+    if (out / "xlora_config.json").is_file():
+        return out
+    data = work / "data" / f"{name}-train.jsonl"
+    rows = (work / "data" / "gate-train.jsonl").read_text().splitlines()
+    for it in extra:
+        chat = [{"role": "user", "content": it.prompt}, {"role": "assistant", "content": it.answer}]
+        rows.append(json.dumps({"messages": chat}))
+    tmp = data.with_suffix(".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    tmp.replace(data)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    cfg = replace(config_from_manifest(manifest["config"]), work=work, out=out)
+    base, tok = load_base(cfg.base)
+    names = json.loads((checkpoint / "xlora_config.json").read_text())["adapters"]
+    torch.manual_seed(cfg.seed)
+    model = XLoraModel.from_experts(base, {n: checkpoint / n for n in names}, gate_config(cfg), base_model_id=cfg.base)
+    ds = load_dataset(data, tok, cfg.max_length)
+    steps = steps or math.ceil(len(ds) / cfg.batch_size)
+    print(f"training gate {name}: {len(ds)} examples ({len(extra)} extra), {steps} steps", flush=True)
+    args = stage_args(cfg, out, name, steps, cfg.gate_lr)
+    train_gate(model, ds, None, args, pad_token_id=tok.pad_token_id or 0)
+    return out
+
+
+__all__ = ["train_gate_plus"]
