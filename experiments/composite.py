@@ -27,7 +27,7 @@ from xlora.generation import SamplingOptions, iter_generate
 from xlora.science.composite import COMPOSITE, composite_items
 from xlora.science.datasets import load_qm9
 from xlora.science.extra_gate import train_gate_plus
-from xlora.science.scorecard import EvalOptions, evaluate_checkpoint, paired_rows, scorecard_table
+from xlora.science.scorecard import EvalOptions, evaluate_checkpoint, paired_rows, parse_models, scorecard_table
 from xlora.science.testsets import manifest_ids, used_ids
 
 
@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--models", help="Only these baselines with X-LoRA (comma-separated: base, uniform, expert names).")
     a = p.parse_args()
-    only = [m.strip() for m in a.models.split(",")] if a.models else None
+    only = parse_models(a.models) if a.models is not None else None
     torch.set_num_threads(a.threads)
 
     checkpoint = checkpoint_path(Path(a.checkpoint))

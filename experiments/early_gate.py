@@ -30,6 +30,13 @@ def gate_dir(work: Path, k: int, norm: bool) -> Path:
     return work / "early-gates" / (f"k{k}" if norm else f"k{k}-raw")
 
 
+def shipped_tasks() -> list[str]:
+    """The shipped checkpoint's experts, in its order (three before session 8, five since)."""
+    import json
+
+    return [t for t in json.loads((shipped_checkpoint() / "xlora_config.json").read_text())["adapters"] if t in TASKS]
+
+
 def train(work: Path, k: int, norm: bool) -> Path:
     """One gate with the reproduce recipe, its scaling pass cut after decoder layer k."""
     from xlora.data import load_dataset
@@ -41,7 +48,7 @@ def train(work: Path, k: int, norm: bool) -> Path:
     cfg = ReproduceConfig(work=work, out=out)
     base, tok = load_base(cfg.base)
     shipped = shipped_checkpoint()
-    experts = {task: shipped / task for task in TASKS}
+    experts = {task: shipped / task for task in shipped_tasks()}
     torch.manual_seed(cfg.seed)
     gate = dataclasses.replace(gate_config(cfg), scaling_pass_layers=k, scaling_pass_norm=norm)
     model = XLoraModel.from_experts(base, experts, gate, base_model_id=cfg.base)
@@ -64,11 +71,12 @@ def score(heldout: Path, gates: dict[str, Path], limit: int | None = None, runs:
     long_ids = torch.randint(100, 40000, (1, 256), generator=torch.Generator().manual_seed(0))
     shipped = shipped_checkpoint()
     rows = {"full (k=30, shipped)": shipped, **gates}
+    tasks = shipped_tasks()
     losses: dict[str, dict[str, tuple]] = {}
     cost: dict[str, tuple[float, float]] = {}  # name -> (prefill s of 256 tokens, decode tokens/s)
     for name, path in rows.items():
         model = XLoraModel.from_pretrained(base, path)
-        losses[name] = {t: item_losses(model, tok, heldout / f"{t}-eval-chat.jsonl", limit=limit) for t in TASKS}
+        losses[name] = {t: item_losses(model, tok, heldout / f"{t}-eval-chat.jsonl", limit=limit) for t in tasks}
         with torch.no_grad():
             prefill = timed(lambda m=model: m(input_ids=long_ids), runs)
         cost[name] = (prefill, NEW / timed(lambda m=model: ours(m, ids), runs))
@@ -78,16 +86,16 @@ def score(heldout: Path, gates: dict[str, Path], limit: int | None = None, runs:
             cost["plain base"] = (cost["plain base"][0], NEW / timed(lambda m=model: ours(m, ids, disabled=True), runs))
         base = model.unload()
     ref = losses["full (k=30, shipped)"]
-    n = {t: len(ref[t][0]) for t in TASKS}
+    n = {t: len(ref[t][0]) for t in tasks}
     pb, db = cost["plain base"]
     print(f"plain base: prefill 256 tokens {pb * 1e3:.0f} ms, decode {db:.1f} tokens/s ({NEW} greedy tokens)\n")
-    head = " | ".join(f"{t} loss (n={n[t]})" for t in TASKS)
+    head = " | ".join(f"{t} loss (n={n[t]})" for t in tasks)
     print(f"| gate | {head} | prefill / base | decode tokens/s | decode cost / base |")
-    print("|---|" + "---:|" * (len(TASKS) + 3))
+    print("|---|" + "---:|" * (len(tasks) + 3))
     for name, per_task in losses.items():
         p, d = cost[name]
         cells = []
-        for t in TASKS:
+        for t in tasks:
             s, c = per_task[t]
             loss = float(s.sum() / c.sum())
             rel = loss / float(ref[t][0].sum() / ref[t][1].sum()) - 1

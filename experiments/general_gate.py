@@ -9,7 +9,8 @@ the shipped gate, paired on the same items (95 % bootstrap intervals):
 - retention (arithmetic and unit conversions, a family the general prompts never show): correct
   rate, and the share of the base's right answers kept;
 - held-out general prompts: how often X-LoRA's answer equals the base's;
-- every science test set in `--test-dir`: each metric, general-prompt gate minus shipped gate.
+- every science test set in `--test-dir`: the answer loss (with `--generate`, every metric),
+  general-prompt gate minus shipped gate.
 
     python experiments/general_gate.py --work xlora-reproduce --checkpoint models/xlora-science \\
         --test-dir xlora-reproduce/data [--n 320] [--steps 240]
@@ -62,6 +63,7 @@ def main() -> None:
     p.add_argument("--n-heldout", type=int, default=100)
     p.add_argument("--steps", type=int, default=ReproduceConfig.gate_steps, help="Gate steps (the shipped budget).")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generate", action="store_true", help="Also generate and score the test answers (slow).")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -109,6 +111,9 @@ def main() -> None:
         if not path.is_file():
             continue
         items = read_items(path)
+        if not a.generate:
+            for it in items:
+                it.meta["loss_only"] = True
         opts = EvalOptions(MAX_NEW_TOKENS[task], batch_size=32)
         s = {name: score_model(m, tok, name, task, items, opts) for name, m in models.items()}
         print(f"\n## {task}: {len(items)} test items\n")

@@ -16,7 +16,7 @@ from xlora import XLoraModel
 from xlora.base_models import load_base
 from xlora.cli import checkpoint_path
 from xlora.science.retention import RETENTION, retention_items
-from xlora.science.scorecard import EvalOptions, evaluate_checkpoint, scorecard_table
+from xlora.science.scorecard import EvalOptions, evaluate_checkpoint, parse_models, scorecard_table
 from xlora.science.stats import bootstrap_mean
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--models", help="Only these baselines with X-LoRA (comma-separated: base, uniform, expert names).")
     a = p.parse_args()
-    only = [m.strip() for m in a.models.split(",")] if a.models else None
+    only = parse_models(a.models) if a.models is not None else None
     torch.set_num_threads(a.threads)
 
     items = retention_items(a.n, a.seed)

@@ -126,6 +126,14 @@ def test_eval_errors_are_one_line(setup, tmp_path):
     assert "--models: unknown chemistry; expected base, uniform or one of the experts chem" in one_error_line(
         runner.invoke(app, ["eval", *common, "--task", "peptides", "--data", str(data), "--models", "base,chemistry"])
     )
+    assert "--models and --baselines" in one_error_line(
+        runner.invoke(
+            app, ["eval", *common, "--task", "peptides", "--data", str(data), "--models", "base", "--baselines"]
+        )
+    )
+    assert "--models: expected comma-separated names" in one_error_line(
+        runner.invoke(app, ["eval", *common, "--task", "peptides", "--data", str(data), "--models", " , "])
+    )
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"task": "peptides", "prompt": "p", "completion": "c", "meta": {"kind": "x"}}) + "\n")
     assert "meta 'kind' must be" in one_error_line(

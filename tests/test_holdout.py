@@ -99,3 +99,12 @@ def test_clear_errors(qm9):
     with pytest.raises(ValueError, match="only .* unused"):
         tiny_run = {"qm9_index_train": [1], "amp_sequences_train": ["KK"]}
         holdout_items(tiny_run, 0, HoldoutSizes(100_000, 10), molecules=qm9)
+
+
+def test_anticancer_sizes_are_checked_before_anything_is_written(tmp_path):
+    from xlora.science.pipeline import ReproduceConfig, stage_data
+
+    cfg = ReproduceConfig(work=tmp_path / "w", n_eval=60)  # 180 + 30 + 40 + 100 > 343 anticancer peptides
+    with pytest.raises(ValueError, match="need 350 anticancer peptides; modlamp has 343: lower --n-eval"):
+        stage_data(cfg)
+    assert not (tmp_path / "w").exists()

@@ -89,9 +89,16 @@ def test_metrics_on_hand_made_cases():
     thermo = [Item("molecule-thermo", "p", "", {"cv": 30.0, "zpve": 4.0})] * 2
     r = score("molecule-thermo", thermo, ["Cv 31.50 cal/mol K; ZPVE 3.90 eV", "Cv 29.0"])
     assert r["cv_mae"] == pytest.approx(1.25) and r["zpve_mae_ev"] == pytest.approx(0.1) and r["parsed_rate"] == 1.0
+    assert score("molecule-thermo", thermo, ["Cv: 30.5; ZPVE: 4.0", "ZPVE 4.2 eV"])["parsed_rate"] == 0.5  # both
     acp = [Item("anticancer", "p", "", {"anticancer": True}), Item("anticancer", "p", "", {"anticancer": False})]
     assert score("anticancer", acp, ["anticancer: yes", "anticancer: yes"])["acp_accuracy"] == 0.5
     assert score("anticancer", acp, ["yes", "anticancer: no"])["acp_accuracy"] == 0.5  # unparsed is wrong
+    assert score("anticancer", acp, ["Anticancer: Yes.", "anticancer: not sure"])["acp_accuracy"] == 0.5
+    assert score("anticancer", acp, ["non-anticancer: yes", "anticancer: no"])["acp_accuracy"] == 0.5
+    with pytest.raises(ValueError, match="anticancer item 1: meta 'anticancer' must be true or false, got 'yes'"):
+        score("anticancer", [Item("anticancer", "p", "", {"anticancer": "yes"})], ["anticancer: yes"])
+    with pytest.raises(ValueError, match="molecule-thermo item 2: meta 'cv' must be a number, got None"):
+        mean_baseline("molecule-thermo", [thermo[0], Item("molecule-thermo", "p", "", {"cv": None, "zpve": 1.0})], [])
     with pytest.raises(ValueError, match="anticancer item 1: its meta lacks anticancer"):
         score("anticancer", [Item("anticancer", "p", "", {})], ["anticancer: yes"])
     assert mean_baseline("molecule-thermo", thermo, ["Cv 28.00; ZPVE 3.00", "Cv 30.00; ZPVE 4.00"]) == {
@@ -181,6 +188,14 @@ def test_tiny_end_to_end(tmp_path):
     assert json.dumps(reproduce(cfg), sort_keys=True) == json.dumps(results, sort_keys=True)  # NaN-safe
     with pytest.raises(ValueError, match=r"xlora_config.json: a gate with other settings \(xlora_size=8\)"):
         reproduce(replace(cfg, gate_size=16))  # never silently reuse a gate of other settings
+    # ... nor a checkpoint over other experts (say, a three-expert one from before session 8)
+    older = tmp_path / "ck-three"
+    older.mkdir()
+    config = json.loads((cfg.out / "xlora_config.json").read_text())
+    config["adapters"] = config["adapters"][:3]
+    (older / "xlora_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="a checkpoint over other experts"):
+        reproduce(replace(cfg, out=older))
     check_forced_routing(cfg)
     check_gate_plus(cfg)
     check_gate_probe(cfg)
@@ -216,6 +231,7 @@ def check_expert_reuse(cfg, tmp_path) -> None:
     commit_experts(cfg, store)
     record = json.loads((store / "recipe.json").read_text())
     assert record["recipes"]["anticancer"]["expert_steps"] == 2 and set(record["train_s"]) == set(TASKS)
+    assert set(record["train_sha1"]) == set(TASKS)
     assert "n_expert_acp" not in record["recipes"]["peptides"]  # each expert's recipe: its own data only
     same = replace(cfg, work=tmp_path / "work-same", out=tmp_path / "ck-same")
     stage_data(same)
@@ -235,6 +251,15 @@ def check_expert_reuse(cfg, tmp_path) -> None:
     stage_data(fewer)
     stage_experts(fewer, store=store)
     assert set(json.loads((fewer.work / "runs" / "timings.json").read_text())) == {"expert anticancer"}
+    # other training data under the same recipe (n_eval moves the peptide design pool): retrained
+    shifted = replace(cfg, work=tmp_path / "work-shifted", out=tmp_path / "ck-shifted", n_eval=6)
+    stage_data(shifted)
+    stage_experts(shifted, store=store)
+    assert set(json.loads((shifted.work / "runs" / "timings.json").read_text())) == {"expert peptides"}
+    # experts made with another recipe than the committing config's are refused
+    with pytest.raises(ValueError, match="made with another recipe than this config's; not committed"):
+        commit_experts(replace(other, expert_lr=0.25), tmp_path / "store-refused")
+    assert not (tmp_path / "store-refused").exists()
     # a store of the session-6 layout (one "recipe" for its experts) is still reused
     old = tmp_path / "store-old"
     shutil.copytree(store, old)

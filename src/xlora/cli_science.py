@@ -184,7 +184,7 @@ def eval_cmd(
     from .model import XLoraModel
     from .science.evaluate import read_items
     from .science.pipeline import MAX_NEW_TOKENS
-    from .science.scorecard import EvalOptions, evaluate_checkpoint, scorecard_table, select_variants
+    from .science.scorecard import EvalOptions, evaluate_checkpoint, parse_models, scorecard_table, select_variants
     from .science.tasks import TASKS
 
     if task not in TASKS:
@@ -213,9 +213,12 @@ def eval_cmd(
             _fail(f"{train_data}: no chat records ({{'messages': [...]}}) to take training SMILES from")
     model_base, tok = load_base(base, dtype=dtype, quantization=quantize)
     model = XLoraModel.from_pretrained(model_base, checkpoint_path(checkpoint)).eval()
-    only = [m.strip() for m in models.split(",") if m.strip()] if models is not None else None
-    if only is not None:
+    only = None
+    if models is not None:
+        if baselines:
+            _fail("--models and --baselines: --baselines scores every baseline, --models only the named ones; pick one")
         try:
+            only = parse_models(models)
             select_variants(model, True, only)
         except ValueError as e:
             _fail(f"--{e}")
@@ -245,13 +248,15 @@ def make_test_sets(
     n_generate: Annotated[int, typer.Option(help="Items per generated metric.")] = 100,
 ) -> None:
     """Write test sets disjoint from everything the checkpoint's experts and gate saw (its manifest)."""
+    from .science.tasks import TASKS
     from .science.testsets import HoldoutSizes, manifest_ids, write_test_sets
 
     ids, seed = manifest_ids(checkpoint_path(checkpoint))
     record = write_test_sets(out_dir, ids, seed, HoldoutSizes(n_loss, n_generate))
     out.print(
-        f"{len(record['qm9_index_test'])} molecules and {len(record['amp_sequences_test'])} peptides, unseen by the "
-        f"run: {out_dir}/{{molecule-properties,molecule-design,peptides}}-test.jsonl (ids in test-ids.json)",
+        f"{len(record['qm9_index_test'])} molecules, {len(record['amp_sequences_test'])} antimicrobial-task and "
+        f"{len(record['acp_sequences_test'])} anticancer peptides, unseen by the run: "
+        f"{out_dir}/{{{','.join(TASKS)}}}-test.jsonl (ids in test-ids.json)",
         soft_wrap=True,
         highlight=False,
         markup=False,

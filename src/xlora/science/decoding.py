@@ -20,7 +20,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .tasks import AMINO, Item, canonical, formula_of, net_charge
+from .tasks import AMINO, Item, canonical, formula_of, net_charge, yes_no
 
 DECODINGS = ("greedy", "checked")
 _NUM = r"([-+]?\d+(?:\.\d+)?)"
@@ -87,7 +87,7 @@ def combine(task: str, item: Item, answers: list[str]) -> str:
             return greedy
         return f"gap {statistics.median(gaps):.2f} eV; dipole {statistics.median(dipoles):.2f} D"
     if task == "peptides":
-        votes = [m.group(1) for a in answers if (m := re.search(r"antimicrobial:\s*(yes|no)", a))]
+        votes = [v for a in answers if (v := yes_no("antimicrobial", a))]
         charges = _numbers("charge", answers)
         if not votes or not charges:
             return greedy
@@ -100,7 +100,7 @@ def combine(task: str, item: Item, answers: list[str]) -> str:
             return greedy
         return f"Cv {statistics.median(cvs):.2f} cal/mol K; ZPVE {statistics.median(zpves):.2f} eV"
     if task == "anticancer":
-        votes = [m.group(1) for a in answers if (m := re.search(r"anticancer:\s*(yes|no)", a))]
+        votes = [v for a in answers if (v := yes_no("anticancer", a))]
         if not votes:
             return greedy
         yes, no = votes.count("yes"), votes.count("no")

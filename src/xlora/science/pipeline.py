@@ -157,31 +157,44 @@ def stage_args(cfg: ReproduceConfig, out: Path, run: str, steps: int, lr: float)
 EXPERT_STORE = Path(__file__).parent / "experts"  # committed experts: reused when their recipe matches
 
 
+def train_sha1(cfg: ReproduceConfig, task: str) -> str:
+    """SHA-1 of a task's staged training file: what the expert learns from, item for item. The recipe
+    alone does not pin it (the peptide design pool, for one, depends on `n_eval`)."""
+    return hashlib.sha1((cfg.work / "data" / f"{task}-train.jsonl").read_bytes()).hexdigest()
+
+
+def made_with(sidecar: Path) -> tuple[dict, str | None]:
+    """(recipe, training-file SHA-1) an expert's sidecar records; no SHA-1 from older runs."""
+    saved = json.loads(sidecar.read_text())
+    return saved, saved.pop("train_sha1", None)
+
+
 def stage_experts(cfg: ReproduceConfig, store: Path | None = EXPERT_STORE) -> dict[str, Path]:
     """One PEFT LoRA expert per task in `work/experts/`. Experts already trained with the same recipe
-    (`store/recipe.json`, committed with the package) are copied instead of retrained: they are the
-    bulk of the run's time (about an hour on 2 cores)."""
+    on the same training file (`store/recipe.json`, committed with the package) are copied instead of
+    retrained: they are the bulk of the run's time (about 15-20 min each on 2 cores)."""
     from ..base_models import load_base
     from ..data import load_dataset
     from ..train import LoraOptions, train_expert
 
     experts = {}
     for task in TASKS:
-        recipe = cfg.expert_recipe(task)
+        recipe, sha = cfg.expert_recipe(task), train_sha1(cfg, task)
         out = cfg.work / "experts" / task
         experts[task] = out
         sidecar = out.with_name(f"{task}.recipe.json")  # the recipe the expert in `out` was made with
         if (out / "adapter_config.json").is_file():
-            if not sidecar.is_file() or json.loads(sidecar.read_text()) != recipe:
+            saved, saved_sha = made_with(sidecar) if sidecar.is_file() else (None, None)
+            if saved != recipe or saved_sha not in (None, sha):
                 raise ValueError(
-                    f"{out}: an expert made with another recipe (or by an older xlora) is there; never mixed "
-                    f"into this run: delete {out.parent} or choose another --work"
+                    f"{out}: an expert made with another recipe or other data (or by an older xlora) is there; "
+                    f"never mixed into this run: delete {out.parent} or choose another --work"
                 )
             continue
-        if store is not None and reusable_expert(store, task, recipe):
+        if store is not None and reusable_expert(store, task, recipe, sha):
             shutil.copytree(store / task, out)
-            sidecar.write_text(json.dumps(recipe))
-            print(f"expert {task}: reused from {store / task} (same recipe)")
+            sidecar.write_text(json.dumps(recipe | {"train_sha1": sha}))
+            print(f"expert {task}: reused from {store / task} (same recipe, same training data)")
             continue
         base, tok = load_base(cfg.base)
         ds = load_dataset(cfg.work / "data" / f"{task}-train.jsonl", tok, cfg.max_length)
@@ -198,24 +211,34 @@ def stage_experts(cfg: ReproduceConfig, store: Path | None = EXPERT_STORE) -> di
             pad_token_id=tok.pad_token_id or 0,
         )
         record_time(cfg, f"expert {task}", time.time() - t0)
-        sidecar.write_text(json.dumps(recipe))
+        sidecar.write_text(json.dumps(recipe | {"train_sha1": sha}))
     return experts
 
 
 def commit_experts(cfg: ReproduceConfig, store: Path = EXPERT_STORE) -> None:
-    """Copy a run's trained experts into `store` with their recipe and training wall times, so later
-    runs with the same recipe reuse them (`stage_experts`). Replaces the store as a whole, atomically."""
+    """Copy a run's trained experts into `store` with the recipe and training file (SHA-1) each was
+    made with and its training wall time, so later runs with the same recipe and data reuse them
+    (`stage_experts`). Refuses experts whose sidecar records another recipe than `cfg`'s; replaces the
+    store as a whole, atomically."""
     from ..io import atomic_directory
 
     timings = cfg.work / "runs" / "timings.json"
     times = json.loads(timings.read_text()) if timings.is_file() else {}
     previous = store / "recipe.json"
     before = json.loads(previous.read_text()).get("train_s", {}) if previous.is_file() else {}
+    shas = {}
+    for task in TASKS:
+        sidecar = cfg.work / "experts" / f"{task}.recipe.json"
+        saved, sha = made_with(sidecar) if sidecar.is_file() else (None, None)
+        if saved != cfg.expert_recipe(task):
+            raise ValueError(f"{sidecar}: the expert was made with another recipe than this config's; not committed")
+        shas[task] = sha or train_sha1(cfg, task)  # older sidecars: the staged file it trained on
     with atomic_directory(store, overwrite=True, replaces=None) as tmp:
         for task in TASKS:
             shutil.copytree(cfg.work / "experts" / task, Path(tmp) / task)
         record = {
             "recipes": {t: cfg.expert_recipe(t) for t in TASKS},
+            "train_sha1": shas,
             # an expert this run reused keeps the training time recorded when it was trained
             "train_s": {t: times.get(f"expert {t}", before.get(t)) for t in TASKS},
             "machine": {"cores": torch.get_num_threads(), "torch": torch.__version__},
@@ -223,14 +246,18 @@ def commit_experts(cfg: ReproduceConfig, store: Path = EXPERT_STORE) -> None:
         (Path(tmp) / "recipe.json").write_text(json.dumps(record, indent=1))
 
 
-def reusable_expert(store: Path, task: str, recipe: dict) -> bool:
-    """Whether `store` holds this task's expert trained with exactly `recipe`."""
+def reusable_expert(store: Path, task: str, recipe: dict, sha: str | None = None) -> bool:
+    """Whether `store` holds this task's expert trained with exactly `recipe` (and, where the store
+    records it, on the training file whose SHA-1 is `sha`)."""
     path = store / "recipe.json"
     if not path.is_file() or not (store / task / "adapter_config.json").is_file():
         return False
     record = json.loads(path.read_text())
-    # a store from session 6-7 holds one "recipe" shared by its three experts
-    return record.get("recipes", {}).get(task, record.get("recipe")) == recipe
+    # a store from session 6-7 holds one "recipe" shared by its three experts, and no SHA-1s
+    if record.get("recipes", {}).get(task, record.get("recipe")) != recipe:
+        return False
+    stored = record.get("train_sha1", {}).get(task)
+    return stored is None or sha is None or stored == sha
 
 
 def record_time(cfg: ReproduceConfig, stage: str, seconds: float) -> None:
@@ -278,6 +305,11 @@ def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
         have, want = json.loads(existing.read_text()), asdict(gate_config(cfg))
         keys = ("xlora_depth", "xlora_size", "layerwise_scalings", "enable_softmax", "scaling_pass_layers")
         differ = [k for k in keys if have.get(k) != want[k]]
+        if sorted(have.get("adapters", [])) != sorted(TASKS):
+            raise ValueError(
+                f"{existing}: a checkpoint over other experts ({', '.join(have.get('adapters', []))}) is already "
+                f"there, not this run's {', '.join(TASKS)}; choose another --out or delete it"
+            )
         if differ:
             raise ValueError(
                 f"{existing}: a gate with other settings ({', '.join(f'{k}={have[k]}' for k in differ)}) is already "

@@ -16,7 +16,7 @@ import torch
 
 from .decoding import DecodeOptions, decode_answers
 from .stats import DEFAULT_RESAMPLES, Interval, bootstrap_mean, paired_available, paired_difference
-from .tasks import MAE_METRICS, Item, outcomes
+from .tasks import MAE_METRICS, Item, check_items, outcomes
 
 XLORA = "X-LoRA"
 LOSS = "eval_loss"
@@ -144,6 +144,14 @@ def paired_vs_best_expert(scores: list[ModelScore], opts: EvalOptions) -> dict[s
     return out
 
 
+def parse_models(text: str) -> list[str]:
+    """`--models` text -> names: comma-separated, blanks dropped; empty is an error."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise ValueError(f"models: expected comma-separated names (base, uniform or experts), got {text!r}")
+    return names
+
+
 def select_variants(model, baselines: bool, only: list[str] | None = None) -> dict[str, object]:
     """X-LoRA, plus every baseline (`baselines`) or just the ones named in `only` ("base", "uniform",
     or an expert's name): a subset saves time when the other baselines were scored before."""
@@ -173,6 +181,7 @@ def evaluate_checkpoint(
     baselines named in `only`) on `items`. `progress(name)` is called before each model."""
     if not items:
         raise ValueError(f"no items for task {task}")
+    check_items(task, items)  # before any answer is generated
     modes = select_variants(model, baselines, only)
     scores = []
     for name, mode in modes.items():

@@ -35,9 +35,16 @@ def _interleave(pos: list, neg: list) -> list:
 
 def _anticancer_splits(cfg: ReproduceConfig) -> tuple[list, list, list]:
     """Balanced train / held-out / fresh-gate anticancer peptides (its own seed stream, so the other
-    tasks' splits do not move when these sizes change)."""
+    tasks' splits do not move when these sizes change); the fresh ones are at most `gate_fresh`."""
     acps = load_acps()
-    sizes = (cfg.n_expert_acp // 2, cfg.n_eval // 2, cfg.acp_gate_fresh // 2)
+    sizes = (cfg.n_expert_acp // 2, cfg.n_eval // 2, min(cfg.acp_gate_fresh, cfg.gate_fresh) // 2)
+    positives = sum(p.anticancer for p in acps)
+    if sum(sizes) + cfg.n_test // 2 > positives:  # checked before any file is written
+        raise ValueError(
+            f"anticancer: half of n_expert_acp={cfg.n_expert_acp}, n_eval={cfg.n_eval}, the fresh gate examples "
+            f"({min(cfg.acp_gate_fresh, cfg.gate_fresh)}) and n_test={cfg.n_test} need {sum(sizes) + cfg.n_test // 2} "
+            f"anticancer peptides; modlamp has {positives}: lower --n-eval or --n-test"
+        )
     pos = split3([p for p in acps if p.anticancer], *sizes, cfg.seed + 2)
     neg = split3([p for p in acps if not p.anticancer], *sizes, cfg.seed + 2)
     return tuple(_interleave(a, b) for a, b in zip(pos, neg))  # type: ignore[return-value]

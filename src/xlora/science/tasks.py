@@ -127,6 +127,12 @@ def peptide_items(p: Peptide, design: bool) -> Item:
 _NUM = r"([-+]?\d+(?:\.\d+)?)"
 
 
+def yes_no(label: str, answer: str) -> str | None:
+    """ "yes" / "no" after `label:` (any case; a whole word, so "not sure" is no answer), else None."""
+    m = re.search(rf"(?<![\w-]){label}:\s*(yes|no)\b", answer, re.IGNORECASE)
+    return m.group(1).lower() if m else None
+
+
 def _mae(errors: list[float | None]) -> float:
     """Mean absolute error over the parsed answers (None = unparsed); NaN ("n/a") unless at least
     half parse, so a model that answers in the right format once is not ranked on that one answer."""
@@ -158,6 +164,24 @@ def _check_meta(task: str, it: Item, n: int) -> None:
     missing = [k for k in META_KEYS[key] if k not in it.meta]
     if missing:
         raise ValueError(f"{task} item {n}: its meta lacks {', '.join(missing)} (has {', '.join(sorted(it.meta))})")
+    for k in META_KEYS[key]:
+        v = it.meta[k]
+        if k in _FLAGS and not isinstance(v, bool):
+            raise ValueError(f"{task} item {n}: meta {k!r} must be true or false, got {v!r}")
+        if k in _NUMBERS and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"{task} item {n}: meta {k!r} must be a number, got {v!r}")
+
+
+_FLAGS = ("antimicrobial", "anticancer")
+_NUMBERS = ("gap", "dipole", "charge", "cv", "zpve", "length")
+
+
+def check_items(task: str, items: list[Item]) -> None:
+    """A clear one-line error for the first item whose meta cannot be scored (before any answer is
+    generated); tasks outside TASKS (composite, retention) check their own."""
+    if task in TASKS:
+        for n, it in enumerate(items, start=1):
+            _check_meta(task, it, n)
 
 
 def outcomes(
@@ -171,9 +195,7 @@ def outcomes(
     None where the answer did not parse."""
     if len(items) != len(answers):
         raise ValueError(f"{len(items)} items but {len(answers)} answers")
-    if task in TASKS:
-        for n, it in enumerate(items, start=1):
-            _check_meta(task, it, n)
+    check_items(task, items)
     if task == "molecule-properties":
         gaps: list[float | None] = []
         dips: list[float | None] = []
@@ -198,8 +220,8 @@ def outcomes(
         sat: list[float | None] = []
         for it, a in zip(items, answers):
             if it.meta["kind"] == "classify":
-                yes = re.search(r"antimicrobial:\s*(yes|no)", a)
-                acc.append(float(bool(yes) and (yes.group(1) == "yes") == it.meta["antimicrobial"]))
+                said = yes_no("antimicrobial", a)
+                acc.append(float(said is not None and (said == "yes") == it.meta["antimicrobial"]))
                 c = re.search(r"charge\s*" + _NUM, a)
                 charge_err.append(abs(float(c.group(1)) - it.meta["charge"]) if c else None)
             else:
@@ -216,16 +238,17 @@ def outcomes(
         cvs: list[float | None] = []
         zpves: list[float | None] = []
         for it, a in zip(items, answers):
-            c = re.search(r"Cv\s*" + _NUM, a)
-            z = re.search(r"ZPVE\s*" + _NUM, a)
+            c = re.search(r"Cv:?\s*" + _NUM, a)
+            z = re.search(r"ZPVE:?\s*" + _NUM, a)
             cvs.append(abs(float(c.group(1)) - it.meta["cv"]) if c else None)
             zpves.append(abs(float(z.group(1)) - it.meta["zpve"]) if z else None)
-        return {"cv_mae": cvs, "zpve_mae_ev": zpves, "parsed_rate": [float(x is not None) for x in cvs]}
+        both = [float(c is not None and z is not None) for c, z in zip(cvs, zpves)]
+        return {"cv_mae": cvs, "zpve_mae_ev": zpves, "parsed_rate": both}
     if task == "anticancer":
         acc_acp = []
         for it, a in zip(items, answers):
-            yes = re.search(r"anticancer:\s*(yes|no)", a)
-            acc_acp.append(float(bool(yes) and (yes.group(1) == "yes") == it.meta["anticancer"]))
+            said = yes_no("anticancer", a)
+            acc_acp.append(float(said is not None and (said == "yes") == it.meta["anticancer"]))
         return {"acp_accuracy": acc_acp}
     if task == "composite":
         from .composite import composite_outcomes
@@ -259,6 +282,7 @@ def mean_baseline(task: str, items: list[Item], train_answers: list[str]) -> dic
         "peptides": [("charge_mae", "charge")],
         "molecule-thermo": [("cv_mae", "Cv"), ("zpve_mae_ev", "ZPVE")],  # meta keys: the word in lower case
     }
+    check_items(task, items)
     out = {}
     for metric, word in fields.get(task, []):
         values = [float(m.group(1)) for a in train_answers if (m := re.search(word + r"\s*" + _NUM, a))]
