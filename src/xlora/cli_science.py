@@ -68,7 +68,7 @@ DEMO_PROMPTS = {
     "molecule-design": "Design a molecule with formula C4H5NO. Answer with a SMILES.",
     "peptides": "Peptide GLFDIVKKVVGALGSL. Is it antimicrobial, and what is its net charge at pH 7?",
     "molecule-thermo": "Molecule OC1=CC=CC=C1. Give its heat capacity Cv in cal/mol K and its zero-point energy in eV.",
-    "anticancer": "Peptide KLAKLAKKLAKLAK. Is it anticancer?",
+    "anticancer": "Peptide GIGKFLKKAKKFGKAFVKILKK. Is it anticancer?",  # a test-set peptide, no near-copy in training
 }
 
 
