@@ -137,6 +137,7 @@ def test_tiny_end_to_end(tmp_path):
         batch_size=4,
         gate_size=8,
         gate_fresh=4,
+        gate_general=3,
         gate_softmax=False,
     )
     torch.manual_seed(0)
@@ -173,6 +174,12 @@ def test_tiny_end_to_end(tmp_path):
     assert not set(data["acp_sequences_gate"]) & (set(data["acp_sequences_train"]) | set(data["acp_sequences_eval"]))
     # 16 of each expert's examples (anticancer has 8 in all), then 4 fresh ones per task
     assert len((cfg.work / "data" / "gate-train.jsonl").read_text().splitlines()) == 4 * 16 + 8 + 5 * 4
+    # the gate trained on those plus 3 general prompts whose targets are the base's own answers
+    gate_rows = (cfg.work / "data" / "gate-train-general3.jsonl").read_text().splitlines()
+    cached = json.loads((cfg.work / "data" / "general-base-answers.json").read_text())
+    assert len(gate_rows) == 4 * 16 + 8 + 5 * 4 + 3 and len(cached) == 3
+    last = json.loads(gate_rows[-1])["messages"]
+    assert last[1]["content"] == cached[last[0]["content"]]
     # the larger test sets (200 per task by default): staged too, unseen by experts and gate
     seen_qm9 = set(data["qm9_index_train"]) | set(data["qm9_index_eval"]) | set(data["qm9_index_gate"])
     seen_amp = set(data["amp_sequences_train"]) | set(data["amp_sequences_eval"]) | set(data["amp_sequences_gate"])

@@ -29,6 +29,9 @@ def reproduce(
     gate_softmax: Annotated[bool, typer.Option(help="Softmax over experts (else unconstrained).")] = False,
     gate_layerwise: Annotated[bool, typer.Option(help="One scaling per adapted module (else one per expert).")] = True,
     gate_fresh: Annotated[int, typer.Option(help="Extra gate examples per task the experts never saw.")] = 320,
+    gate_general: Annotated[
+        int, typer.Option(help="Everyday prompts answered by the base, added to the gate data (retention).")
+    ] = 0,
     scaling_pass_layers: Annotated[int | None, SCALING_PASS_LAYERS] = None,
 ) -> None:
     """Train one expert per task, the gate, evaluate everything, write results.md and figures."""
@@ -51,6 +54,7 @@ def reproduce(
         gate_softmax=gate_softmax,
         gate_layerwise=gate_layerwise,
         gate_fresh=gate_fresh,
+        gate_general=gate_general,
         gate_scaling_pass_layers=scaling_pass_layers,
     )
     try:

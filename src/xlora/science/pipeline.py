@@ -63,6 +63,9 @@ class ReproduceConfig:
     gate_softmax: bool = False  # unconstrained scalings: the gate may also scale an expert up or down
     gate_layerwise: bool = True
     gate_fresh: int = 320  # per task: extra gate-training examples the experts never saw
+    # everyday prompts answered by the base itself, added to the gate data so the gate learns to leave
+    # a general question to the base (README, "Knowledge retention"); 0 = science prompts only
+    gate_general: int = 0
     max_length: int = 128
     gate_scaling_pass_layers: int | None = None  # early gate: the scaling pass runs the first k layers
     # the larger test sets for `xlora eval` (testsets.py): disjoint from all of the above
@@ -104,9 +107,7 @@ def config_from_manifest(config: dict) -> ReproduceConfig:
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def stage_data(cfg: ReproduceConfig) -> dict:
@@ -299,6 +300,40 @@ def train_gate_stage(cfg: ReproduceConfig, experts: dict[str, Path], out: Path, 
     train_gate(model, ds, None, args, pad_token_id=tok.pad_token_id or 0)
 
 
+def stage_general(cfg: ReproduceConfig) -> Path:
+    """The gate's training file: `gate-train.jsonl`, plus `gate_general` everyday prompts with the base
+    model's own greedy answers as targets (`xlora.science.general`; answers cached per prompt)."""
+    data = cfg.work / "data"
+    if cfg.gate_general == 0:
+        return data / "gate-train.jsonl"
+    from ..base_models import load_base
+    from .evaluate import generate_answers
+    from .general import base_answered, general_prompts
+    from .tasks import Item
+
+    prompts = general_prompts(cfg.gate_general, cfg.seed)
+    cache = data / "general-base-answers.json"
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    todo = [p for p in prompts if p not in done]
+    if todo:
+        base, tok = load_base(cfg.base)
+        print(f"answering {len(todo)} general prompts with the base model (gate targets)")
+        with torch.no_grad():
+            answers = generate_answers(base.eval(), tok, [Item("general", p, "", {}) for p in todo], 32, 32)
+        done |= dict(zip(todo, answers))
+        write_text_atomic(cache, json.dumps(done, indent=1))
+    rows = [chat_record(it) for it in base_answered(prompts, [done[p] for p in prompts])]
+    out = data / f"gate-train-general{cfg.gate_general}.jsonl"
+    write_text_atomic(out, (data / "gate-train.jsonl").read_text() + "".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
     existing = cfg.out / "xlora_config.json"
     if existing.is_file():  # done before: reuse it, unless it was made with other gate settings
@@ -321,8 +356,10 @@ def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "work", "n_test", "n_test_generate")}
     if cfg.gate_scaling_pass_layers is None:  # added later: runs of full-pass gates keep their folder
         del settings["gate_scaling_pass_layers"]
+    if cfg.gate_general == 0:  # added later: runs of science-only gates keep their folder
+        del settings["gate_general"]
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    train_gate_stage(cfg, experts, cfg.out, f"gate-{cfg.out.name}-{tag}", cfg.work / "data" / "gate-train.jsonl")
+    train_gate_stage(cfg, experts, cfg.out, f"gate-{cfg.out.name}-{tag}", stage_general(cfg))
     record_time(cfg, "gate", time.time() - t0)
     return cfg.out
 
