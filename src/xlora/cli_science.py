@@ -171,10 +171,12 @@ def eval_cmd(
         str,
         typer.Option(
             help="greedy, or checked: greedy + --samples sampled answers, combined per task (design prompts: the "
-            "first answer meeting the prompt's constraints; numbers: the median; yes/no: the majority)."
+            "first answer meeting the prompt's constraints; numbers: the median; yes/no: the majority); or "
+            "constrained: greedy with design answers held to the prompt's form (SMILES with the formula's heavy "
+            "atoms; the peptide's length); or constrained-checked: checked with every answer constrained."
         ),
     ] = "greedy",
-    samples: Annotated[int, typer.Option(help="Sampled answers per item for --decoding checked.")] = 8,
+    samples: Annotated[int, typer.Option(help="Sampled answers per item for the checked decodings.")] = 8,
     batch_size: Annotated[
         int,
         typer.Option(help="Items per forward pass (larger is faster on CPU too; answers may change in the last bit)."),

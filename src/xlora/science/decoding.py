@@ -11,6 +11,10 @@ uses a generator, also draws `samples` answers at `temperature` and combines the
 - numbers (gap, dipole, peptide charge, Cv, ZPVE): the median of each number over the answers that give it.
   Greedy returns the mode of the model's distribution; the median is what minimises absolute error.
 - antimicrobial and anticancer yes/no: the majority of the answers that give one (greedy breaks a tie).
+
+"constrained" decoding is greedy with a design prompt's form enforced token by token (SMILES syntax
+with the formula's heavy atoms; the peptide's length): `xlora.science.constrained`.
+"constrained-checked" is "checked" with every answer, greedy and sampled, decoded that way.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 
 from .tasks import AMINO, Item, canonical, formula_of, net_charge, yes_no
 
-DECODINGS = ("greedy", "checked")
+DECODINGS = ("greedy", "checked", "constrained", "constrained-checked")
 _NUM = r"([-+]?\d+(?:\.\d+)?)"
 
 
@@ -38,7 +42,7 @@ class DecodeOptions:
     def __post_init__(self) -> None:
         if self.mode not in DECODINGS:
             raise ValueError(f"decoding: expected one of {', '.join(DECODINGS)}, got {self.mode!r}")
-        if self.mode == "checked" and self.samples < 1:
+        if self.mode.endswith("checked") and self.samples < 1:
             raise ValueError(f"decoding: checked decoding needs samples >= 1, got {self.samples}")
         if not self.temperature > 0:
             raise ValueError(f"decoding: temperature must be > 0, got {self.temperature}")
@@ -112,13 +116,20 @@ def decode_answers(
     model, tok, task: str, items: list[Item], max_new_tokens: int, opts: DecodeOptions, batch_size: int = 8
 ) -> list[str]:
     """Answers to `items` under `opts`: greedy, or greedy and `opts.samples` samples combined per item."""
+    from functools import partial
+
     from .evaluate import generate_answers
 
-    greedy = generate_answers(model, tok, items, max_new_tokens, batch_size)
-    if opts.mode == "greedy":
+    generate = generate_answers
+    if opts.mode.startswith("constrained"):
+        from .constrained import TokenTable, generate_constrained
+
+        generate = partial(generate_constrained, table=TokenTable(tok))
+    greedy = generate(model, tok, items, max_new_tokens, batch_size)
+    if not opts.mode.endswith("checked"):
         return greedy
     repeated = [it for it in items for _ in range(opts.samples)]  # each prompt `samples` times, adjacent
-    sampled = generate_answers(
+    sampled = generate(
         model, tok, repeated, max_new_tokens, max(batch_size, min(64, batch_size * opts.samples)), do_sample=True,
         temperature=opts.temperature, seed=opts.seed,
     )  # fmt: skip

@@ -26,22 +26,24 @@ def read_items(path: Path) -> list[Item]:
     return items
 
 
+def encode_prompts(tok, items: list[Item]) -> dict:
+    """The items' prompts as one left-padded batch in the chat template, ready to generate from."""
+    tok.padding_side = "left"
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": it.prompt}], tokenize=False, add_generation_prompt=True)
+        for it in items
+    ]
+    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
 def generate_answers(
     model, tok, items: list[Item], max_new_tokens: int, batch_size: int = 8, **sampling: Any
 ) -> list[str]:
     """Answers to the items' prompts (chat template, left-padded batches): greedy, or sampled with
     `sampling` (`do_sample=True, temperature=..., seed=s`; batch k is seeded `s + k`, reproducibly)."""
-    tok.padding_side = "left"
     answers = []
     for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        texts = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": it.prompt}], tokenize=False, add_generation_prompt=True
-            )
-            for it in chunk
-        ]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = encode_prompts(tok, items[start : start + batch_size])
         out = model.generate(
             enc["input_ids"],
             attention_mask=enc["attention_mask"],

@@ -191,7 +191,12 @@ def evaluate_checkpoint(
             scores.append(score_model(model, tok, name, task, items, opts))
     n_generated = sum(not it.meta.get("loss_only") for it in items)
     d = opts.decoding
-    how = "greedy" if d.mode == "greedy" else f"checked (greedy + {d.samples} samples at T={d.temperature})"
+    how = {
+        "checked": f"checked (greedy + {d.samples} samples at T={d.temperature})",
+        "constrained": "constrained (greedy; design answers held to the prompt's form)",
+        "constrained-checked": f"constrained-checked (greedy + {d.samples} samples at T={d.temperature}, "
+        "design answers held to the prompt's form)",
+    }.get(d.mode, d.mode)
     return Scorecard(task, len(items), n_generated, scores, paired_vs_best_expert(scores, opts), how)
 
 
