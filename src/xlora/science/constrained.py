@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -33,14 +33,18 @@ _BRACKET = re.compile(r"^(?:([CNOcno])(@{1,2})?(H\d?)?([+-]\d?)?)?$")
 
 @dataclass(frozen=True)
 class SmilesState:
-    """Where a partial SMILES stands: heavy atoms used per element, open branches and ring bonds."""
+    """Where a partial SMILES stands: heavy atoms used per element, the atom graph's open ends."""
 
     used: tuple[int, ...]  # per element of the grammar's budget
-    depth: int = 0  # open '('
-    rings: frozenset[str] = frozenset()  # open ring-bond digits
-    last: str = "start"  # start | atom | bond | open | close | ring
+    n: int = 0  # atoms written
+    cur: int = -1  # the latest atom
+    parent: int = -1  # the atom `cur` is bonded to by the chain or branch (-1: none)
+    attach: int = -1  # the atom the next atom, bond or branch attaches to (after ')': the branch's root)
+    roots: tuple[int, ...] = ()  # open '(' branches: their root atoms
+    rings: frozenset[tuple[str, int]] = frozenset()  # open ring bonds: (digit, opening atom)
+    closed_here: frozenset[int] = frozenset()  # atoms `cur` got a ring bond to (no second bond to them)
+    last: str = "start"  # start | atom (or a ring digit after it) | bond | bond-after-branch | open | close
     bracket: str | None = None  # text inside an open '[', else None
-    here: frozenset[str] = frozenset()  # ring-bond digits opened on the latest atom
 
 
 class SmilesGrammar:
@@ -51,15 +55,19 @@ class SmilesGrammar:
         self.budget = tuple(budget[e] for e in self.elements)
         self.start = SmilesState(used=(0,) * len(self.elements))
         self.alphabet = SMILES_CHARS
+        self._viable: dict[SmilesState, bool] = {}
 
     @classmethod
     def for_formula(cls, formula: str) -> SmilesGrammar | None:
         parts = re.findall(r"([A-Z][a-z]?)(\d*)", formula)
         if not parts or "".join(e + n for e, n in parts) != formula:
             return None
-        budget = {e: int(n or 1) for e, n in parts if e != "H"}
-        if not budget or set(budget) - set(_ELEMENT.values()):
-            return None  # an element this grammar does not write (QM9 has C, N, O, F only)
+        budget: dict[str, int] = {}
+        for e, n in parts:  # "CH3CH2OH" counts each element once per mention
+            budget[e] = budget.get(e, 0) + int(n or 1)
+        budget = {e: n for e, n in budget.items() if e != "H" and n > 0}
+        if not budget or set(budget) - set(_ELEMENT.values()) or sum(budget.values()) > 64:
+            return None  # nothing to write, or an element this grammar does not write (QM9: C, N, O, F)
         return cls(budget)
 
     def key(self) -> tuple:
@@ -75,49 +83,81 @@ class SmilesGrammar:
         if s.used[i] >= self.budget[i]:
             return None
         used = s.used[:i] + (s.used[i] + 1,) + s.used[i + 1 :]
-        return SmilesState(used, s.depth, s.rings, "atom", None)
+        return replace(
+            s, used=used, n=s.n + 1, cur=s.n, parent=s.attach, attach=s.n, closed_here=frozenset(), last="atom",
+            bracket=None,
+        )  # fmt: skip
 
     def step(self, s: SmilesState, ch: str) -> SmilesState | None:
-        """The state after one more character, or None where the text leaves the grammar."""
+        """The state after one more character, or None where the text leaves SMILES syntax or the
+        formula (dead ends are `viable`'s business)."""
         if s.bracket is not None:
             if ch == "]":
                 m = _BRACKET.match(s.bracket)
-                if not m or not m.group(1):
-                    return None
-                return self._atom(SmilesState(s.used, s.depth, s.rings, s.last), _ELEMENT[m.group(1)])
+                return self._atom(s, _ELEMENT[m.group(1)]) if m and m.group(1) else None
             text = s.bracket + ch  # every prefix of a valid bracket atom matches the same pattern
             if not _BRACKET.match(text) or (not s.bracket and self._atom(s, _ELEMENT[ch]) is None):
                 return None  # (its element must be one the formula still has)
-            return SmilesState(s.used, s.depth, s.rings, s.last, text)
-        after_atom = s.last in ("atom", "ring", "close")
+            return replace(s, bracket=text)
         if ch in _ELEMENT:
             return self._atom(s, _ELEMENT[ch])
         if ch == "[":
-            return SmilesState(s.used, s.depth, s.rings, s.last, "") if self.remaining(s) >= 1 else None
-        if ch in "=#-":  # a bond needs an atom (or a ring closure) after it
-            ok = s.last in ("atom", "ring", "close", "open") and self.remaining(s) >= 1
-            return SmilesState(s.used, s.depth, s.rings, "bond", None, s.here) if ok else None
+            return replace(s, bracket="")
+        if ch in "=#-":  # a bond to the next atom, or (right after an atom) to a ring closure
+            if s.last not in ("atom", "close", "open"):
+                return None
+            return replace(s, last="bond" if s.last == "atom" else "bond-after-branch")
         if ch == "(":
-            ok = after_atom and self.remaining(s) >= 1
-            return SmilesState(s.used, s.depth + 1, s.rings, "open") if ok else None
+            return replace(s, roots=s.roots + (s.attach,), last="open") if s.last in ("atom", "close") else None
         if ch == ")":
-            ok = s.depth > 0 and after_atom
-            return SmilesState(s.used, s.depth - 1, s.rings, "close") if ok else None
+            if not s.roots or s.last not in ("atom", "close"):
+                return None
+            return replace(s, roots=s.roots[:-1], attach=s.roots[-1], last="close")
         if ch.isdigit():
-            if s.last not in ("atom", "ring", "bond"):
+            if s.last not in ("atom", "bond") or s.cur != s.attach:  # a ring bond belongs to the latest atom
                 return None
-            if ch in s.here:  # opened on this very atom: closing it here is no bond
+            opener = next((o for d, o in s.rings if d == ch), None)
+            if opener is None:  # opens ring bond `ch` on this atom
+                return replace(s, rings=s.rings | {(ch, s.cur)}, last="atom")
+            if opener in (s.cur, s.parent) or opener in s.closed_here:  # no bond to itself, no second bond
                 return None
-            if ch in s.rings:  # closes a ring bond
-                return SmilesState(s.used, s.depth, s.rings - {ch}, "ring", None, s.here)
-            if s.last == "bond" or self.remaining(s) < 2:  # a new ring needs two more atoms to close on
-                return None
-            return SmilesState(s.used, s.depth, s.rings | {ch}, "ring", None, s.here | {ch})
+            return replace(s, rings=s.rings - {(ch, opener)}, closed_here=s.closed_here | {opener}, last="atom")
         return None  # 'H', '@', '+' outside brackets
 
     def can_end(self, s: SmilesState) -> bool:
-        done = s.used == self.budget and s.depth == 0 and not s.rings and s.bracket is None
-        return done and s.last in ("atom", "ring", "close")
+        done = s.used == self.budget and not s.roots and not s.rings and s.bracket is None
+        return done and s.last in ("atom", "close")
+
+    def viable(self, s: SmilesState) -> bool:
+        """Whether some completion of `s` ends the answer: one is built (all atoms in a chain, closing
+        ring bonds where they can, branches closed last or first), so a masked decoder never gets stuck."""
+        if s not in self._viable:
+            self._viable[s] = any(self._finish(s, branches_first) for branches_first in (False, True))
+        return self._viable[s]
+
+    def _finish(self, s: SmilesState | None, branches_first: bool) -> bool:
+        def next_atom(s: SmilesState) -> SmilesState | None:
+            element = next((e for e, u, b in zip(self.elements, s.used, self.budget) if u < b), None)
+            return self._atom(s, element) if element is not None else None
+
+        if s is not None and s.bracket is not None:
+            s = next_atom(s) if s.bracket == "" else self.step(s, "]")
+        for _ in range(2 * sum(self.budget) + 4):
+            if s is None:
+                return False
+            if s.last in ("bond", "bond-after-branch", "open", "start"):
+                s = next_atom(s)
+                continue
+            for d, _o in sorted(s.rings):  # close what can be closed on the latest atom
+                s = (s.last == "atom" and self.step(s, d)) or s
+            while branches_first and s.roots and not s.rings:
+                s = self.step(s, ")")
+            if self.remaining(s) == 0:
+                break
+            s = next_atom(s)
+        while s is not None and s.roots:
+            s = self.step(s, ")")
+        return s is not None and self.can_end(s)
 
 
 class PeptideGrammar:
@@ -137,6 +177,9 @@ class PeptideGrammar:
     def can_end(self, n: int) -> bool:
         return n == self.length
 
+    def viable(self, n: int) -> bool:
+        return n <= self.length
+
 
 Grammar = SmilesGrammar | PeptideGrammar
 
@@ -147,7 +190,7 @@ def grammar_for(item: Item) -> Grammar | None:
         m = re.search(r"formula\s+([A-Za-z0-9]+)", item.prompt)
         return SmilesGrammar.for_formula(m.group(1)) if m else None
     if item.task == "peptides":
-        m = re.search(r"length\s+(\d+)\s+with net charge", item.prompt)
+        m = re.search(r"length\s+(\d+)\s+with net charge\s+[-+]?\d+", item.prompt)  # as `decoding` reads it
         return PeptideGrammar(int(m.group(1))) if m and int(m.group(1)) > 0 else None
     return None
 
@@ -162,10 +205,13 @@ def advance(grammar: Grammar, state, text: str):
 
 
 class TokenTable:
-    """The vocabulary's token texts, and per grammar alphabet the tokens made only of its characters."""
+    """The vocabulary's token texts as they read *inside* a text (a SentencePiece "▁C" is " C", which
+    decoding the token alone would drop), and per alphabet the tokens made only of its characters."""
 
     def __init__(self, tok) -> None:
-        self.texts = [tok.decode([i]) for i in range(len(tok))]
+        anchor = tok.encode("a", add_special_tokens=False)[:1]
+        lead = tok.decode(anchor)
+        self.texts = [tok.decode(anchor + [i])[len(lead) :] for i in range(len(tok))]
         self._by_alphabet: dict[frozenset, list[int]] = {}
 
     def candidates(self, alphabet: frozenset) -> list[int]:
@@ -175,15 +221,16 @@ class TokenTable:
 
 
 def grammar_mask(table: TokenTable, grammar: Grammar, state, eos: list[int], vocab: int, memo: dict) -> torch.Tensor:
-    """`[V]` bool: the tokens allowed after `state` (end of turn only where the answer is complete;
-    if nothing is allowed, which the grammar avoids, end of turn)."""
+    """`[V]` bool: the tokens after which `state` can still be completed, and end of turn where the
+    answer is complete (all False only when the tokenizer has no end-of-turn token)."""
     key = (grammar.key(), state)
     if key not in memo:
         mask = torch.zeros(vocab, dtype=torch.bool)
-        allowed = [i for i in table.candidates(grammar.alphabet) if advance(grammar, state, table.texts[i]) is not None]
-        mask[allowed] = True
-        if grammar.can_end(state) or not allowed:
-            mask[eos] = True
+        for i in table.candidates(grammar.alphabet):
+            after = advance(grammar, state, table.texts[i]) if i < vocab else None
+            mask[i] = after is not None and grammar.viable(after)
+        if grammar.can_end(state):
+            mask[[e for e in eos if e < vocab]] = True
         memo[key] = mask
     return memo[key]
 
@@ -203,11 +250,12 @@ def constrained_sampler(
                 continue
             state = grammar.start
             for t in ids[b, prompt_len:].tolist():
-                state = advance(grammar, state, table.texts[t])
-            if state is None:  # cannot happen for tokens this sampler chose; be safe: end the answer
-                state = grammar.start
+                state = advance(grammar, state, table.texts[t]) if state is not None else None
+            if state is None:  # only after a step with nothing allowed (no end-of-turn token): let it be
+                continue
             mask = grammar_mask(table, grammar, state, eos, logits.shape[-1], memo).to(logits.device)
-            logits[b, ~mask[: logits.shape[-1]]] = float("-inf")
+            if mask.any():
+                logits[b, ~mask] = float("-inf")
         return base_sample(ids, logits, rows)
 
     return sample
