@@ -1,5 +1,8 @@
 """Retention, the fix tried: a gate that also sees general prompts answered by the base itself.
 
+(Session 8, run on the five-expert checkpoint whose gate saw science prompts only; since session 9
+`xlora reproduce` puts these prompts into the gate data itself, `--gate-general`.)
+
 The shipped gate trains on science prompts only and keeps none of the base's arithmetic (README,
 "Knowledge retention"). Here a gate with the same recipe and step budget trains on the run's gate data
 plus `--n` everyday word/knowledge prompts (`xlora.science.general`) whose targets are the base

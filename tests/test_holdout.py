@@ -108,3 +108,15 @@ def test_anticancer_sizes_are_checked_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="need 350 anticancer peptides; modlamp has 343: lower --n-eval"):
         stage_data(cfg)
     assert not (tmp_path / "w").exists()
+
+
+def test_manifest_config_keeps_the_gate_data_it_was_trained_with():
+    """A manifest from before session 9 has no `gate_general`: its gate saw science prompts only."""
+    from xlora.science.pipeline import config_from_manifest
+
+    assert config_from_manifest({"n_expert_molecules": 2560, "gate_steps": 240}).gate_general == 0
+    assert config_from_manifest({"n_expert_molecules": 2560, "gate_general": 320}).gate_general == 320
+    from xlora.science import shipped_checkpoint
+
+    shipped = json.loads((shipped_checkpoint() / "manifest.json").read_text())["config"]
+    assert config_from_manifest(shipped).gate_general == shipped["gate_general"] == 320

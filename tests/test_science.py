@@ -217,7 +217,8 @@ def check_gate_plus(cfg) -> None:
     extra = [Item("general", "Spell the word apple backwards.", "elppa", {})]
     gate = train_gate_plus(cfg.work, cfg.out, extra, "plus", steps=2)
     lines = (cfg.work / "data" / "plus-train.jsonl").read_text().splitlines()
-    assert lines[:-1] == (cfg.work / "data" / "gate-train.jsonl").read_text().splitlines()
+    # the run's own gate data, its general prompts included, then the extra item
+    assert lines[:-1] == (cfg.work / "data" / "gate-train-general3.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["messages"][1]["content"] == "elppa"
     config = json.loads((gate / "xlora_config.json").read_text())
     assert (

@@ -22,7 +22,7 @@ def reproduce(
     expert_steps: Annotated[
         int, typer.Option(help="Steps of 16 per expert (the committed experts are reused only at the default).")
     ] = 160,
-    gate_steps: int = 240,
+    gate_steps: int = 480,
     gate_lr: float = 5e-3,
     gate_size: int = 256,
     gate_depth: int = 2,
@@ -31,7 +31,7 @@ def reproduce(
     gate_fresh: Annotated[int, typer.Option(help="Extra gate examples per task the experts never saw.")] = 320,
     gate_general: Annotated[
         int, typer.Option(help="Everyday prompts answered by the base, added to the gate data (retention).")
-    ] = 0,
+    ] = 320,
     scaling_pass_layers: Annotated[int | None, SCALING_PASS_LAYERS] = None,
 ) -> None:
     """Train one expert per task, the gate, evaluate everything, write results.md and figures."""

@@ -14,28 +14,26 @@ from .tasks import Item
 
 
 def train_gate_plus(work: Path, checkpoint: Path, extra: list[Item], name: str, steps: int | None = None) -> Path:
-    """Train a gate over `checkpoint`'s experts (frozen) on `work/data/gate-train.jsonl` plus `extra`,
+    """Train a gate over `checkpoint`'s experts (frozen) on its run's gate data (`stage_general`) plus `extra`,
     with the gate settings and base of the checkpoint's reproduce run (its manifest); `steps` defaults
     to one pass. Written to `work/name` (resumable: a finished gate there is returned as it is)."""
     from ..base_models import load_base
     from ..data import load_dataset
     from ..model import XLoraModel
     from ..train import train_gate
-    from .pipeline import config_from_manifest, gate_config, stage_args
+    from .pipeline import config_from_manifest, gate_config, stage_args, stage_general, write_text_atomic
 
     out = work / name
     if (out / "xlora_config.json").is_file():
         return out
-    data = work / "data" / f"{name}-train.jsonl"
-    rows = (work / "data" / "gate-train.jsonl").read_text().splitlines()
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    cfg = replace(config_from_manifest(manifest["config"]), work=work, out=out)
+    rows = stage_general(cfg).read_text().splitlines()  # the run's own gate data (general prompts too, if any)
     for it in extra:
         chat = [{"role": "user", "content": it.prompt}, {"role": "assistant", "content": it.answer}]
         rows.append(json.dumps({"messages": chat}))
-    tmp = data.with_suffix(".tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    tmp.replace(data)
-    manifest = json.loads((checkpoint / "manifest.json").read_text())
-    cfg = replace(config_from_manifest(manifest["config"]), work=work, out=out)
+    data = work / "data" / f"{name}-train.jsonl"
+    write_text_atomic(data, "".join(r + "\n" for r in rows))
     base, tok = load_base(cfg.base)
     names = json.loads((checkpoint / "xlora_config.json").read_text())["adapters"]
     torch.manual_seed(cfg.seed)

@@ -49,7 +49,7 @@ class ReproduceConfig:
     acp_gate_fresh: int = 80  # fresh anticancer gate examples (balanced), instead of gate_fresh
     expert_steps: int = 160
     expert_batch_size: int = 16
-    gate_steps: int = 240
+    gate_steps: int = 480  # session 9: about 1.2 passes over the five tasks' gate data (240 until session 8)
     batch_size: int = 8  # the gate's
     rank: int = 8
     alpha: float = 16.0
@@ -65,7 +65,7 @@ class ReproduceConfig:
     gate_fresh: int = 320  # per task: extra gate-training examples the experts never saw
     # everyday prompts answered by the base itself, added to the gate data so the gate learns to leave
     # a general question to the base (README, "Knowledge retention"); 0 = science prompts only
-    gate_general: int = 0
+    gate_general: int = 320  # session 9 (0 until session 8)
     max_length: int = 128
     gate_scaling_pass_layers: int | None = None  # early gate: the scaling pass runs the first k layers
     # the larger test sets for `xlora eval` (testsets.py): disjoint from all of the above
@@ -96,6 +96,7 @@ def config_from_manifest(config: dict) -> ReproduceConfig:
         n = int(config.get("n_train", ReproduceConfig.n_train))
         values |= {"n_expert_molecules": n, "n_expert_classify": n // 2, "n_expert_design": n // 2}
         values |= {"expert_formula_items": False, "expert_batch_size": int(config.get("batch_size", 8))}
+    values.setdefault("gate_general", 0)  # gates before session 9 trained on science prompts only
     for key in ("out", "work"):
         if key in values:
             values[key] = Path(values[key])
