@@ -1,8 +1,9 @@
 """General-ability prompts for the gate: everyday word and knowledge questions, answered by the base.
 
-The shipped gate only ever sees science prompts, so nothing teaches it to leave a general question to
-the base (README, "Knowledge retention"). These prompts, with the base model's own greedy answers as
-targets, are what a gate can learn that from. They share no template with the retention questions
+A gate that only sees science prompts has nothing to teach it to leave a general question to the
+base (README, "Knowledge retention"). These prompts, with the base model's own greedy answers as
+targets, are what a gate can learn that from; `xlora reproduce` adds them to the gate data since
+session 9 (`ReproduceConfig.gate_general`). They share no template with the retention questions
 (arithmetic and unit conversions), so a retention gain measured on those is transfer, not recall.
 """
 
