@@ -180,6 +180,10 @@ def test_tiny_end_to_end(tmp_path):
     assert len(gate_rows) == 4 * 16 + 8 + 5 * 4 + 3 and len(cached) == 3
     last = json.loads(gate_rows[-1])["messages"]
     assert last[1]["content"] == cached[last[0]["content"]]
+    from xlora.science.pipeline import stage_general
+
+    (cfg.work / "data" / "general-base-answers.json").write_text("{broken")  # a cache only: answered again
+    assert stage_general(cfg).read_text().splitlines() == gate_rows
     # the larger test sets (200 per task by default): staged too, unseen by experts and gate
     seen_qm9 = set(data["qm9_index_train"]) | set(data["qm9_index_eval"]) | set(data["qm9_index_gate"])
     seen_amp = set(data["amp_sequences_train"]) | set(data["amp_sequences_eval"]) | set(data["amp_sequences_gate"])

@@ -314,7 +314,11 @@ def stage_general(cfg: ReproduceConfig) -> Path:
 
     prompts = general_prompts(cfg.gate_general, cfg.seed)
     cache = data / "general-base-answers.json"
-    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    try:  # a cache only: unreadable (say, a kill mid-write on an older xlora) means answer again
+        done = json.loads(cache.read_text()) if cache.is_file() else {}
+    except (OSError, ValueError):
+        done = {}
+    done = done if isinstance(done, dict) else {}
     todo = [p for p in prompts if p not in done]
     if todo:
         base, tok = load_base(cfg.base)
