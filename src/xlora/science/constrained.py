@@ -250,7 +250,8 @@ def constrained_sampler(
                 continue
             state = grammar.start
             for t in ids[b, prompt_len:].tolist():
-                state = advance(grammar, state, table.texts[t]) if state is not None else None
+                text = table.texts[t] if t < len(table.texts) else "\0"  # ids past the tokenizer: no text
+                state = advance(grammar, state, text) if state is not None else None
             if state is None:  # only after a step with nothing allowed (no end-of-turn token): let it be
                 continue
             mask = grammar_mask(table, grammar, state, eos, logits.shape[-1], memo).to(logits.device)
