@@ -20,9 +20,9 @@ def python_blocks() -> list[str]:
 
 def test_the_readme_has_the_blocks_this_test_knows():
     blocks = python_blocks()
-    assert len(blocks) == 4, "a Python block was added or removed: run it here too"
-    assert "from_experts" in blocks[0] and "openai.OpenAI" in blocks[1] and "quantization=" in blocks[2]
-    assert "Qwen2VLForConditionalGeneration" in blocks[3]
+    assert len(blocks) == 5, "a Python block was added or removed: run it here too"
+    assert "from_experts" in blocks[0] and "constrained-checked" in blocks[1] and "openai.OpenAI" in blocks[2]
+    assert "quantization=" in blocks[3] and "Qwen2VLForConditionalGeneration" in blocks[4]
 
 
 def test_api_block_runs(tmp_path, monkeypatch, capsys):
@@ -39,10 +39,22 @@ def test_api_block_runs(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip() != ""  # it printed the answer
 
 
+def test_design_block_runs(capsys):
+    """The constrained-checked design of the README: a SMILES with the asked heavy atoms, printed."""
+    from rdkit import Chem
+
+    namespace: dict = {}
+    exec(compile(python_blocks()[1], "README.md[python 2]", "exec"), namespace)
+    smiles = namespace["smiles"]
+    assert capsys.readouterr().out.strip() == smiles
+    mol = Chem.MolFromSmiles(smiles, sanitize=False)  # the grammar guarantees syntax and heavy atoms
+    assert mol is not None and sorted(a.GetSymbol() for a in mol.GetAtoms()) == ["C"] * 6 + ["O"]
+
+
 def test_quantized_base_block_runs(capsys):
     pytest.importorskip("bitsandbytes")
     namespace: dict = {}
-    exec(compile(python_blocks()[2], "README.md[python 3]", "exec"), namespace)
+    exec(compile(python_blocks()[3], "README.md[python 4]", "exec"), namespace)
     layer = namespace["model"].xlora_layers[0]
     assert type(layer.base_layer).__name__ == "Linear4bit"  # the base stayed 4-bit under the mixture
     assert capsys.readouterr().out.strip() != ""
@@ -51,7 +63,7 @@ def test_quantized_base_block_runs(capsys):
 def test_vision_language_block_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # it writes tiny-vlm/, charts/ and photos/ into the working directory
     namespace: dict = {}
-    exec(compile(python_blocks()[3], "README.md[python 4]", "exec"), namespace)
+    exec(compile(python_blocks()[4], "README.md[python 5]", "exec"), namespace)
     model, ids = namespace["model"], namespace["ids"]
     assert namespace["logits"].shape[:2] == ids.shape
     assert model.n_layers == 4 and all(".language_model." in name for name in model.module_names)
@@ -83,7 +95,7 @@ def test_serving_block_runs_against_xlora_serve(tmp_path, capsys):
         {"properties": shipped / "molecule-properties", "peptides": shipped / "peptides"},
         XLoraConfig(xlora_depth=2, xlora_size=32, layerwise_scalings=True),
     )
-    code = python_blocks()[1]
+    code = python_blocks()[2]
     port = 8000
     if not _port_free(port):  # another program holds 8000 here: same code, another port
         with socket.socket() as s:
