@@ -78,19 +78,27 @@ def make_experts(tmp: Path, base_dir: Path) -> dict[str, Path]:
 def add_tiny_tokenizer(model_dir: Path, vocab: int = 128) -> None:
     """Save a word-level tokenizer next to a tiny model: ids 0-2 specials, 3-5 the role words
     user/assistant/system, then words w0, w1, ... (id = 6 + K), and a prefix-stable chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    save_word_tokenizer(model_dir, [f"w{i}" for i in range(vocab - 6)])
+
+
+def save_word_tokenizer(path: Path, words: list[str], fuse: bool = False) -> None:
+    """A word-level tokenizer: ids 0-2 <pad> <eos> <unk>, 3-5 the role words, then `words`; a
+    prefix-stable chat template; `fuse` decodes tokens without spaces between them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    roles = {"user": 3, "assistant": 4, "system": 5}
-    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **roles, **{f"w{i}": i + 6 for i in range(vocab - 6)}}
-    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, "user": 3, "assistant": 4, "system": 5}
+    vocab |= {w: 6 + i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if fuse:
+        tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
     fast.chat_template = (
         "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
         "{% if add_generation_prompt %}assistant {% endif %}"
     )
-    fast.save_pretrained(model_dir)
+    fast.save_pretrained(path)
 
 
 def sharpen(model, std: float = 0.5, seed: int = 0):

@@ -111,23 +111,13 @@ def test_token_texts_keep_a_sentencepiece_tokens_leading_space():
 
 def fragment_tokenizer(path):
     """A tokenizer whose tokens are SMILES fragments, residues and junk words, decoded without spaces."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from helpers import save_word_tokenizer
     from transformers import PreTrainedTokenizerFast
 
     pieces = ["C", "CC", "c", "c1", "N", "n", "O", "=O", "(", ")", "1", "2", "=", "#", "[", "nH", "]", "F", "H",
               "CO", "OC", "C(", "O)", "[nH]", "Cl", "Br", "S", "A", "K", "KK", "L", "LL", "G", "E", "R", "KLK",
               "hello", "the", "gap", "eV", ";", " ", "x"]  # fmt: skip
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, "user": 3, "assistant": 4, "system": 5}
-    vocab |= {p: 6 + i for i, p in enumerate(pieces)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-    fast.chat_template = (
-        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
-        "{% if add_generation_prompt %}assistant {% endif %}"
-    )
-    fast.save_pretrained(path)
+    save_word_tokenizer(path, pieces, fuse=True)
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 
