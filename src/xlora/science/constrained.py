@@ -227,8 +227,8 @@ def grammar_mask(table: TokenTable, grammar: Grammar, state, eos: list[int], voc
     if key not in memo:
         mask = torch.zeros(vocab, dtype=torch.bool)
         for i in table.candidates(grammar.alphabet):
-            after = advance(grammar, state, table.texts[i]) if i < vocab else None
-            mask[i] = after is not None and grammar.viable(after)
+            if i < vocab and (after := advance(grammar, state, table.texts[i])) is not None:
+                mask[i] = grammar.viable(after)
         if grammar.can_end(state):
             mask[[e for e in eos if e < vocab]] = True
         memo[key] = mask
