@@ -101,6 +101,17 @@ def save_word_tokenizer(path: Path, words: list[str], fuse: bool = False) -> Non
     fast.save_pretrained(path)
 
 
+def fragment_tokenizer(path):
+    """A tokenizer whose tokens are SMILES fragments, residues and junk words, decoded without spaces."""
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["C", "CC", "c", "c1", "N", "n", "O", "=O", "(", ")", "1", "2", "=", "#", "[", "nH", "]", "F", "H",
+              "CO", "OC", "C(", "O)", "[nH]", "Cl", "Br", "S", "A", "K", "KK", "L", "LL", "G", "E", "R", "KLK",
+              "hello", "the", "gap", "eV", ";", " ", "x"]  # fmt: skip
+    save_word_tokenizer(path, pieces, fuse=True)
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
 def sharpen(model, std: float = 0.5, seed: int = 0):
     """Random classifier weights large enough that routing differs clearly between tokens."""
     torch.manual_seed(seed)

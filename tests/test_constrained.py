@@ -109,18 +109,6 @@ def test_token_texts_keep_a_sentencepiece_tokens_leading_space():
     assert table.candidates(frozenset("C")) == [4]  # "▁C" would put a space inside a SMILES
 
 
-def fragment_tokenizer(path):
-    """A tokenizer whose tokens are SMILES fragments, residues and junk words, decoded without spaces."""
-    from helpers import save_word_tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    pieces = ["C", "CC", "c", "c1", "N", "n", "O", "=O", "(", ")", "1", "2", "=", "#", "[", "nH", "]", "F", "H",
-              "CO", "OC", "C(", "O)", "[nH]", "Cl", "Br", "S", "A", "K", "KK", "L", "LL", "G", "E", "R", "KLK",
-              "hello", "the", "gap", "eV", ";", " ", "x"]  # fmt: skip
-    save_word_tokenizer(path, pieces, fuse=True)
-    return PreTrainedTokenizerFast.from_pretrained(path)
-
-
 @pytest.mark.parametrize("mode", ["constrained", "constrained-checked"])
 def test_constrained_answers_have_the_prompts_form(tiny_checkpoint, tmp_path, mode):
     """On a random tiny model, every design answer is syntactically valid SMILES (RDKit's parser,
@@ -128,7 +116,7 @@ def test_constrained_answers_have_the_prompts_form(tiny_checkpoint, tmp_path, mo
     as greedy does."""
     from collections import Counter
 
-    from helpers import load_base
+    from helpers import fragment_tokenizer, load_base
     from rdkit import Chem
 
     from xlora import XLoraModel

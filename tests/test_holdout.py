@@ -120,3 +120,27 @@ def test_manifest_config_keeps_the_gate_data_it_was_trained_with():
 
     shipped = json.loads((shipped_checkpoint() / "manifest.json").read_text())["config"]
     assert config_from_manifest(shipped).gate_general == shipped["gate_general"] == 320
+
+
+def test_expert_step_factor_and_precision_enter_only_their_tasks_recipes():
+    """Longer (and bf16) training of some experts is part of those experts' recipes only, so the
+    other experts keep matching the committed ones; manifests from before session 10 trained every
+    expert one pass at the default precision; bad values fail at construction, naming the field."""
+    from xlora.science.pipeline import ReproduceConfig, config_from_manifest
+
+    cfg = ReproduceConfig(expert_steps=10, expert_step_factor={"peptides": 4}, expert_precision={"peptides": "bf16"})
+    assert cfg.steps_of("peptides") == 40 and cfg.steps_of("anticancer") == 10
+    peptides, anticancer = cfg.expert_recipe("peptides"), cfg.expert_recipe("anticancer")
+    assert peptides["expert_step_factor"] == 4 and peptides["expert_precision"] == "bf16"
+    assert "expert_step_factor" not in anticancer and "expert_precision" not in anticancer
+    assert anticancer == ReproduceConfig(expert_steps=10, expert_step_factor={}, expert_precision={}).expert_recipe(
+        "anticancer"
+    )
+    old = config_from_manifest({"n_expert_molecules": 2560, "expert_steps": 160})
+    assert old.expert_step_factor == {} and old.expert_precision == {} and old.steps_of("peptides") == 160
+    with pytest.raises(ValueError, match="expert_step_factor: expected task -> integer >= 1"):
+        ReproduceConfig(expert_step_factor={"peptides": 0})
+    with pytest.raises(ValueError, match="expert_step_factor: .*'proteins'"):
+        ReproduceConfig(expert_step_factor={"proteins": 2})
+    with pytest.raises(ValueError, match="expert_precision: expected task -> one of"):
+        ReproduceConfig(expert_precision={"peptides": "int8"})

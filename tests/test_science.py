@@ -243,6 +243,9 @@ def check_expert_reuse(cfg, tmp_path) -> None:
     commit_experts(cfg, store)
     record = json.loads((store / "recipe.json").read_text())
     assert record["recipes"]["anticancer"]["expert_steps"] == 2 and set(record["train_s"]) == set(TASKS)
+    for task in TASKS:  # each expert trained its own number of steps (`expert_step_factor`)
+        log = (cfg.work / "runs" / task / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(log[-1])["step"] == cfg.steps_of(task)
     assert set(record["train_sha1"]) == set(TASKS)
     assert "n_expert_acp" not in record["recipes"]["peptides"]  # each expert's recipe: its own data only
     same = replace(cfg, work=tmp_path / "work-same", out=tmp_path / "ck-same")

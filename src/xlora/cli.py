@@ -334,7 +334,7 @@ def main() -> None:
     app()
 
 
-from . import cli_science, cli_train  # noqa: E402,F401 - register their commands on `app`
+from . import cli_design, cli_science, cli_train  # noqa: E402,F401 - register their commands on `app`
 
 if __name__ == "__main__":
     # `python -m xlora.cli` (e.g. under torchrun): run the package module's app, where the training

@@ -1,0 +1,54 @@
+"""`xlora design`: ask the science checkpoint for a molecule of a given formula or an antimicrobial
+peptide of a given length and charge, decoded as `xlora eval --decoding` does, and check the answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli import DtypeOption, _fail, app, checkpoint_path, out
+
+
+@app.command()
+def design(
+    formula: Annotated[str | None, typer.Option(help="Design a molecule with this formula (C, H, N, O, F).")] = None,
+    length: Annotated[int | None, typer.Option(help="Design an antimicrobial peptide of this length.")] = None,
+    charge: Annotated[int, typer.Option(help="The peptide's net charge at pH 7 (with --length).")] = 0,
+    checkpoint: Annotated[Path, typer.Option(help="An X-LoRA checkpoint ('shipped': the science demo's).")] = Path(
+        "shipped"
+    ),
+    base: str = "default",
+    decoding: Annotated[
+        str,
+        typer.Option(
+            help="greedy, checked, constrained or constrained-checked (default): see `xlora eval --help`. "
+            "The constrained ones hold the answer to the asked heavy atoms / length while it is written."
+        ),
+    ] = "constrained-checked",
+    samples: Annotated[int, typer.Option(help="Sampled answers for the checked decodings.")] = 8,
+    seed: Annotated[int, typer.Option(help="Sampling seed of the checked decodings.")] = 0,
+    dtype: DtypeOption = "float32",
+) -> None:
+    """Design a molecule (--formula C6H6O) or a peptide (--length 20 --charge 3) and check it."""
+    from .base_models import load_base
+    from .model import XLoraModel
+    from .science.decoding import DecodeOptions, decode_answers
+    from .science.design import check_design, molecule_request, peptide_request
+    from .science.pipeline import MAX_NEW_TOKENS
+
+    if (formula is None) == (length is None):
+        _fail("give either --formula (a molecule) or --length [--charge] (a peptide)")
+    if formula is not None and charge != 0:
+        _fail("--charge applies to a peptide: add --length")
+    item = molecule_request(formula) if formula is not None else peptide_request(length, charge)
+    opts = DecodeOptions(decoding, samples=samples, seed=seed)
+    base_model, tok = load_base(base, dtype=dtype)
+    model = XLoraModel.from_pretrained(base_model, checkpoint_path(checkpoint))
+    budget = MAX_NEW_TOKENS[item.task] if formula is not None else max(MAX_NEW_TOKENS["peptides"], length + 8)
+    [answer] = decode_answers(model, tok, item.task, [item], budget, opts)
+    ok, checked = check_design(item, answer)
+    verdict = "meets the request" if ok else "does not meet the request"
+    text = f"{item.prompt}\n  answer: {answer}\n  {verdict}: {checked}"
+    out.print(text, soft_wrap=True, highlight=False, markup=False)

@@ -1,0 +1,99 @@
+"""`xlora design`: the trained design prompts built from a formula or a length and charge, the
+answer decoded under the asked form and checked with RDKit / Biopython."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from xlora.cli import app
+from xlora.science.design import check_design, molecule_request, peptide_request
+from xlora.science.tasks import net_charge
+
+runner = CliRunner()
+
+
+def test_requests_use_the_trained_wording_and_refuse_what_cannot_be_asked():
+    item = molecule_request("C6H6O")
+    assert item.prompt == "Design a molecule with formula C6H6O. Answer with a SMILES."
+    pep = peptide_request(12, 3)
+    assert pep.prompt == "Design an antimicrobial peptide of length 12 with net charge +3."
+    for bad in ("C6H5Cl", "benzene", "", "H2"):
+        with pytest.raises(ValueError, match="--formula: expected a molecular formula of C, H, N, O, F"):
+            molecule_request(bad)
+    with pytest.raises(ValueError, match="--length: expected 1 to 60 residues, got 0"):
+        peptide_request(0, 0)
+    with pytest.raises(ValueError, match="--length: expected 1 to 60 residues, got 200"):
+        peptide_request(200, 0)
+    with pytest.raises(ValueError, match="--charge: a peptide of 3 residues cannot carry a net charge of \\+5"):
+        peptide_request(3, 5)
+
+
+def test_check_design_reads_the_answer_as_rdkit_and_biopython_do():
+    item = molecule_request("C6H6O")
+    assert check_design(item, "Oc1ccccc1") == (True, "RDKit: valid, C6H6O (the asked formula)")
+    assert check_design(item, "c1ccccc1 is benzene") == (False, "RDKit: valid, C6H6 (asked C6H6O)")
+    assert check_design(item, "C1CC") == (False, "RDKit: not a valid SMILES")
+    assert check_design(item, "") == (False, "RDKit: not a valid SMILES")
+    seq = "GLKKLLKKLAKK"
+    q = net_charge(seq)
+    ok, text = check_design(peptide_request(12, round(q)), seq)
+    assert ok and text.startswith(f"length 12 (asked 12), net charge {q:+.1f} at pH 7")
+    assert check_design(peptide_request(12, round(q) - 3), seq)[0] is False  # charge off by 3
+    assert check_design(peptide_request(11, round(q)), seq)[0] is False  # one residue too many
+    assert check_design(peptide_request(5, 0), "hello")[0] is False
+
+
+@pytest.fixture
+def design_base(tiny_checkpoint, tmp_path):
+    """The tiny base with a tokenizer of SMILES fragments and residues, and the tiny checkpoint."""
+    from helpers import fragment_tokenizer
+
+    base_dir, ck = tiny_checkpoint
+    base = tmp_path / "base"
+    shutil.copytree(base_dir, base)
+    fragment_tokenizer(base)
+    return base, ck
+
+
+def test_design_cli_answers_in_the_asked_form(design_base):
+    """On a random tiny model the constrained decodings still answer with the asked heavy atoms
+    (RDKit may refuse the valences: the model's part) and exactly the asked length."""
+    from collections import Counter
+
+    from rdkit import Chem
+
+    base, ck = design_base
+    args = ["design", "--base", str(base), "--checkpoint", str(ck), "--samples", "2"]
+    r = runner.invoke(app, args + ["--formula", "C3H6O"])
+    assert r.exit_code == 0, r.output
+    prompt, answer, verdict = r.output.strip().splitlines()
+    assert prompt == "Design a molecule with formula C3H6O. Answer with a SMILES."
+    smiles = answer.removeprefix("  answer: ")
+    parsed = Chem.MolFromSmiles(smiles, sanitize=False)
+    assert parsed is not None and Counter(a.GetSymbol() for a in parsed.GetAtoms()) == Counter("CCCO")
+    assert verdict.strip().startswith(("meets the request: RDKit", "does not meet the request: RDKit"))
+    r = runner.invoke(app, args + ["--length", "7", "--charge", "2", "--decoding", "constrained"])
+    assert r.exit_code == 0, r.output
+    seq = r.output.strip().splitlines()[1].removeprefix("  answer: ")
+    assert len(seq) == 7 and "length 7 (asked 7)" in r.output
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "give either --formula (a molecule) or --length [--charge] (a peptide)"),
+        (["--formula", "C2H6O", "--length", "5"], "give either --formula"),
+        (["--formula", "C2H6O", "--charge", "2"], "--charge applies to a peptide: add --length"),
+        (["--formula", "C2H5Cl"], "--formula: expected a molecular formula"),
+        (["--length", "5", "--decoding", "beam"], "decoding: expected one of greedy"),
+        (["--length", "5", "--charge", "9"], "cannot carry a net charge of +9"),
+    ],
+)
+def test_design_cli_refuses_bad_requests_in_one_line(design_base, extra, message):
+    base, ck = design_base
+    r = runner.invoke(app, ["design", "--base", str(base), "--checkpoint", str(ck), *extra])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert message in " ".join(r.output.split()), r.output
