@@ -97,3 +97,15 @@ def test_design_cli_refuses_bad_requests_in_one_line(design_base, extra, message
     r = runner.invoke(app, ["design", "--base", str(base), "--checkpoint", str(ck), *extra])
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert message in " ".join(r.output.split()), r.output
+
+
+@pytest.mark.embedded
+def test_design_cli_on_the_shipped_checkpoint():
+    """The README's command on the real model: a peptide of exactly the asked length, checked."""
+    r = runner.invoke(app, ["design", "--length", "12", "--charge", "3", "--decoding", "constrained"])
+    assert r.exit_code == 0, r.output
+    prompt, answer, verdict = r.output.strip().splitlines()
+    assert prompt == "Design an antimicrobial peptide of length 12 with net charge +3."
+    seq = answer.removeprefix("  answer: ")
+    assert len(seq) == 12 and set(seq) <= set("ACDEFGHIKLMNPQRSTVWY")
+    assert f"net charge {net_charge(seq):+.1f} at pH 7 (asked +3" in verdict
