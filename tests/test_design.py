@@ -20,9 +20,16 @@ def test_requests_use_the_trained_wording_and_refuse_what_cannot_be_asked():
     assert item.prompt == "Design a molecule with formula C6H6O. Answer with a SMILES."
     pep = peptide_request(12, 3)
     assert pep.prompt == "Design an antimicrobial peptide of length 12 with net charge +3."
-    for bad in ("C6H5Cl", "benzene", "", "H2"):
+    for bad in ("C6H5Cl", "benzene", "", "H2", "C\u0666H\u0666O", "C\uff16H\uff16O", "C6H6O "):
         with pytest.raises(ValueError, match="--formula: expected a molecular formula of C, H, N, O, F"):
             molecule_request(bad)
+    # the answer is checked against RDKit's formula, so the request must be written as RDKit writes it
+    for bad, hill in (("CH3CH2OH", "C2H6O"), ("H6C6O", "C6H6O"), ("C6H6O1", "C6H6O"), ("C06H06O", "C6H6O")):
+        with pytest.raises(ValueError, match=f"--formula: write '{bad}' in Hill order, .*: {hill}$"):
+            molecule_request(bad)
+    with pytest.raises(ValueError, match="no zero counts: C6O"):
+        molecule_request("C6H0O")
+    assert molecule_request("C2H3FN2O").meta["formula"] == "C2H3FN2O"  # F before N: alphabetical after C, H
     with pytest.raises(ValueError, match="--length: expected 1 to 60 residues, got 0"):
         peptide_request(0, 0)
     with pytest.raises(ValueError, match="--length: expected 1 to 60 residues, got 200"):
@@ -44,6 +51,8 @@ def test_check_design_reads_the_answer_as_rdkit_and_biopython_do():
     assert check_design(peptide_request(12, round(q) - 3), seq)[0] is False  # charge off by 3
     assert check_design(peptide_request(11, round(q)), seq)[0] is False  # one residue too many
     assert check_design(peptide_request(5, 0), "hello")[0] is False
+    for junk in ("KK-LL", "K1KLL", "KKLL."):  # not four residues, whatever the letters say
+        assert check_design(peptide_request(4, 2), junk) == (False, "not a peptide of the 20 standard amino acids")
 
 
 @pytest.fixture
@@ -66,8 +75,8 @@ def test_design_cli_answers_in_the_asked_form(design_base):
     from rdkit import Chem
 
     base, ck = design_base
-    args = ["design", "--base", str(base), "--checkpoint", str(ck), "--samples", "2"]
-    r = runner.invoke(app, args + ["--formula", "C3H6O"])
+    args = ["design", "--base", str(base), "--checkpoint", str(ck)]
+    r = runner.invoke(app, args + ["--formula", "C3H6O", "--samples", "2"])
     assert r.exit_code == 0, r.output
     prompt, answer, verdict = r.output.strip().splitlines()
     assert prompt == "Design a molecule with formula C3H6O. Answer with a SMILES."
@@ -90,6 +99,12 @@ def test_design_cli_answers_in_the_asked_form(design_base):
         (["--formula", "C2H5Cl"], "--formula: expected a molecular formula"),
         (["--length", "5", "--decoding", "beam"], "decoding: expected one of greedy"),
         (["--length", "5", "--charge", "9"], "cannot carry a net charge of +9"),
+        (["--length", "5", "--decoding", "beam"], "--decoding: expected one of greedy"),
+        (["--length", "5", "--samples", "0"], "--samples: expected an integer from 1 to 64, got 0"),
+        (["--length", "5", "--samples", "100000"], "--samples: expected an integer from 1 to 64"),
+        (["--length", "5", "--seed", "-1"], "--seed: expected an integer from 0"),
+        (["--length", "5", "--decoding", "greedy", "--samples", "4"], "--samples and --seed apply to the checked"),
+        (["--formula", "CH3CH2OH"], "--formula: write 'CH3CH2OH' in Hill order"),
     ],
 )
 def test_design_cli_refuses_bad_requests_in_one_line(design_base, extra, message):

@@ -138,8 +138,18 @@ def test_expert_step_factor_and_precision_enter_only_their_tasks_recipes():
     )
     old = config_from_manifest({"n_expert_molecules": 2560, "expert_steps": 160})
     assert old.expert_step_factor == {} and old.expert_precision == {} and old.steps_of("peptides") == 160
-    with pytest.raises(ValueError, match="expert_step_factor: expected task -> integer >= 1"):
-        ReproduceConfig(expert_step_factor={"peptides": 0})
+    same = ReproduceConfig(
+        expert_steps=10, expert_step_factor={"anticancer": 1}, expert_precision={"anticancer": "auto"}
+    )
+    assert same.expert_recipe("anticancer") == anticancer  # the default, stated: the same recipe
+    for bad in (0, True, 2.0, 10**6, "3", None):
+        with pytest.raises(ValueError, match="expert_step_factor: expected task -> an integer from 1 to 100"):
+            ReproduceConfig(expert_step_factor={"peptides": bad})
+    for bad in (None, "peptides", [("peptides", 3)]):
+        with pytest.raises(ValueError, match="expert_step_factor: expected a dict of task ->"):
+            ReproduceConfig(expert_step_factor=bad)
+        with pytest.raises(ValueError, match="expert_precision: expected a dict of task ->"):
+            ReproduceConfig(expert_precision=bad)
     with pytest.raises(ValueError, match="expert_step_factor: .*'proteins'"):
         ReproduceConfig(expert_step_factor={"proteins": 2})
     with pytest.raises(ValueError, match="expert_precision: expected task -> one of"):

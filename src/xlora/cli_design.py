@@ -27,26 +27,38 @@ def design(
             "The constrained ones hold the answer to the asked heavy atoms / length while it is written."
         ),
     ] = "constrained-checked",
-    samples: Annotated[int, typer.Option(help="Sampled answers for the checked decodings.")] = 8,
-    seed: Annotated[int, typer.Option(help="Sampling seed of the checked decodings.")] = 0,
+    samples: Annotated[int | None, typer.Option(help="Sampled answers of the checked decodings (1-64; 8).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed of the checked decodings (>= 0; 0).")] = None,
     dtype: DtypeOption = "float32",
 ) -> None:
     """Design a molecule (--formula C6H6O) or a peptide (--length 20 --charge 3) and check it."""
     from .base_models import load_base
     from .model import XLoraModel
-    from .science.decoding import DecodeOptions, decode_answers
-    from .science.design import check_design, molecule_request, peptide_request
+    from .science.decoding import DECODINGS, DecodeOptions, decode_answers
+    from .science.design import check_design, heavy_atoms, molecule_request, peptide_request
     from .science.pipeline import MAX_NEW_TOKENS
 
     if (formula is None) == (length is None):
         _fail("give either --formula (a molecule) or --length [--charge] (a peptide)")
     if formula is not None and charge != 0:
         _fail("--charge applies to a peptide: add --length")
+    if decoding not in DECODINGS:
+        _fail(f"--decoding: expected one of {', '.join(DECODINGS)}, got {decoding!r}")
+    if not decoding.endswith("checked") and (samples is not None or seed is not None):
+        _fail("--samples and --seed apply to the checked decodings only (checked, constrained-checked)")
+    if samples is not None and not 1 <= samples <= 64:
+        _fail(f"--samples: expected an integer from 1 to 64, got {samples}")
+    if seed is not None and not 0 <= seed < 2**63:
+        _fail(f"--seed: expected an integer from 0 to 2**63 - 1, got {seed}")
     item = molecule_request(formula) if formula is not None else peptide_request(length, charge)
-    opts = DecodeOptions(decoding, samples=samples, seed=seed)
+    opts = DecodeOptions(decoding, samples=8 if samples is None else samples, seed=seed or 0)
+    # a SMILES takes up to about three tokens per heavy atom (atom, bond, ring digit or branch)
+    if formula is not None:
+        budget = max(MAX_NEW_TOKENS[item.task], 3 * heavy_atoms(formula) + 8)
+    else:
+        budget = max(MAX_NEW_TOKENS["peptides"], length + 8)
     base_model, tok = load_base(base, dtype=dtype)
     model = XLoraModel.from_pretrained(base_model, checkpoint_path(checkpoint))
-    budget = MAX_NEW_TOKENS[item.task] if formula is not None else max(MAX_NEW_TOKENS["peptides"], length + 8)
     [answer] = decode_answers(model, tok, item.task, [item], budget, opts)
     ok, checked = check_design(item, answer)
     verdict = "meets the request" if ok else "does not meet the request"

@@ -7,6 +7,8 @@ The prompts are the exact formats the design and peptide experts were trained on
 
 from __future__ import annotations
 
+import re
+
 from .constrained import SmilesGrammar
 from .tasks import AMINO, Item, canonical, formula_of, net_charge
 
@@ -14,14 +16,33 @@ MAX_PEPTIDE_LENGTH = 60  # the AMP training peptides are at most ~50 residues; l
 
 
 def molecule_request(formula: str) -> Item:
-    """The design task's prompt for `formula` (Hill order, heavy atoms C, N, O, F, as in QM9)."""
-    if SmilesGrammar.for_formula(formula) is None:
-        raise ValueError(
-            f"--formula: expected a molecular formula of C, H, N, O, F such as C6H6O (QM9's elements), got {formula!r}"
-        )
+    """The design task's prompt for `formula`: Hill order (C, H, then the others alphabetically, as
+    RDKit writes it), heavy atoms C, N, O, F as in QM9, ASCII digits."""
+    expected = (
+        f"--formula: expected a molecular formula of C, H, N, O, F such as C6H6O (QM9's elements), got {formula!r}"
+    )
+    parts = re.findall(r"([A-Z][a-z]?)([0-9]*)", formula)
+    if (
+        not formula.isascii()
+        or "".join(e + n for e, n in parts) != formula
+        or SmilesGrammar.for_formula(formula) is None
+    ):
+        raise ValueError(expected)
+    counts: dict[str, int] = {}
+    for element, n in parts:
+        counts[element] = counts.get(element, 0) + int(n or 1)
+    order = ["C", "H"] + sorted(e for e in counts if e not in ("C", "H"))
+    hill = "".join(f"{e}{counts[e] if counts[e] > 1 else ''}" for e in order if counts.get(e, 0) > 0)
+    if hill != formula:  # the check compares RDKit's formula with this text: it must be RDKit's form
+        raise ValueError(f"--formula: write {formula!r} in Hill order, each element once, no zero counts: {hill}")
     return Item(
         "molecule-design", f"Design a molecule with formula {formula}. Answer with a SMILES.", "", {"formula": formula}
     )
+
+
+def heavy_atoms(formula: str) -> int:
+    """Atoms other than H in a formula `molecule_request` accepted."""
+    return sum(int(n or 1) for e, n in re.findall(r"([A-Z][a-z]?)([0-9]*)", formula) if e != "H")
 
 
 def peptide_request(length: int, charge: int) -> Item:
@@ -44,7 +65,7 @@ def check_design(item: Item, answer: str) -> tuple[bool, str]:
         formula = formula_of(can)
         ok = formula == item.meta["formula"]
         return ok, f"RDKit: valid, {formula} ({'the asked formula' if ok else 'asked ' + item.meta['formula']})"
-    seq = "".join(ch for ch in word if ch.isalpha())
+    seq = word  # strict: "KK-LL" is not a peptide of four residues
     if not seq or not set(seq) <= AMINO:
         return False, "not a peptide of the 20 standard amino acids"
     charge = net_charge(seq)
@@ -55,4 +76,4 @@ def check_design(item: Item, answer: str) -> tuple[bool, str]:
     )
 
 
-__all__ = ["MAX_PEPTIDE_LENGTH", "check_design", "molecule_request", "peptide_request"]
+__all__ = ["MAX_PEPTIDE_LENGTH", "check_design", "heavy_atoms", "molecule_request", "peptide_request"]

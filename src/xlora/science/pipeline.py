@@ -92,9 +92,10 @@ class ReproduceConfig:
             "max_length",
         )  # fmt: skip
         recipe = {k: getattr(self, k) for k in keys}
-        if task in self.expert_step_factor:
+        # only what differs from one pass at the default precision, so stating the default changes nothing
+        if self.expert_step_factor.get(task, 1) != 1:
             recipe["expert_step_factor"] = self.expert_step_factor[task]
-        if task in self.expert_precision:
+        if self.expert_precision.get(task, "auto") != "auto":
             recipe["expert_precision"] = self.expert_precision[task]
         return json.loads(json.dumps(recipe, default=str))
 
@@ -105,14 +106,22 @@ class ReproduceConfig:
     def __post_init__(self) -> None:
         from ..training import PRECISIONS
 
-        for task, factor in self.expert_step_factor.items():
-            if task not in TASKS or not (isinstance(factor, int) and factor >= 1):
-                raise ValueError(
-                    f"expert_step_factor: expected task -> integer >= 1 for {TASKS}, got {task!r}: {factor!r}"
-                )
-        for task, precision in self.expert_precision.items():
-            if task not in TASKS or precision not in PRECISIONS:
-                raise ValueError(f"expert_precision: expected task -> one of {PRECISIONS}, got {task!r}: {precision!r}")
+        for name, table, ok, expected in (
+            ("expert_step_factor", self.expert_step_factor, _is_factor, f"an integer from 1 to {MAX_STEP_FACTOR}"),
+            ("expert_precision", self.expert_precision, lambda v: v in PRECISIONS, f"one of {PRECISIONS}"),
+        ):
+            if not isinstance(table, dict):
+                raise ValueError(f"{name}: expected a dict of task -> {expected}, got {table!r}")
+            for task, value in table.items():
+                if task not in TASKS or not ok(value):
+                    raise ValueError(f"{name}: expected task -> {expected} for {TASKS}, got {task!r}: {value!r}")
+
+
+MAX_STEP_FACTOR = 100
+
+
+def _is_factor(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_STEP_FACTOR
 
 
 def config_from_manifest(config: dict) -> ReproduceConfig:
