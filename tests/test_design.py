@@ -55,6 +55,13 @@ def test_check_design_reads_the_answer_as_rdkit_and_biopython_do():
         assert check_design(peptide_request(4, 2), junk) == (False, "not a peptide of the 20 standard amino acids")
 
 
+def design_lines(stdout: str) -> list[str]:
+    """The prompt, answer and verdict lines of `xlora design` (other lines, say a first-use model
+    conversion note, are left out)."""
+    keep = ("Design ", "  answer: ", "  meets the request: ", "  does not meet the request: ")
+    return [line for line in stdout.splitlines() if line.startswith(keep)]
+
+
 @pytest.fixture
 def design_base(tiny_checkpoint, tmp_path):
     """The tiny base with a tokenizer of SMILES fragments and residues, and the tiny checkpoint."""
@@ -78,7 +85,7 @@ def test_design_cli_answers_in_the_asked_form(design_base):
     args = ["design", "--base", str(base), "--checkpoint", str(ck)]
     r = runner.invoke(app, args + ["--formula", "C3H6O", "--samples", "2"])
     assert r.exit_code == 0, r.output
-    prompt, answer, verdict = r.output.strip().splitlines()
+    prompt, answer, verdict = design_lines(r.stdout)
     assert prompt == "Design a molecule with formula C3H6O. Answer with a SMILES."
     smiles = answer.removeprefix("  answer: ")
     parsed = Chem.MolFromSmiles(smiles, sanitize=False)
@@ -86,7 +93,7 @@ def test_design_cli_answers_in_the_asked_form(design_base):
     assert verdict.strip().startswith(("meets the request: RDKit", "does not meet the request: RDKit"))
     r = runner.invoke(app, args + ["--length", "7", "--charge", "2", "--decoding", "constrained"])
     assert r.exit_code == 0, r.output
-    seq = r.output.strip().splitlines()[1].removeprefix("  answer: ")
+    seq = design_lines(r.stdout)[1].removeprefix("  answer: ")
     assert len(seq) == 7 and "length 7 (asked 7)" in r.output
 
 
@@ -119,7 +126,7 @@ def test_design_cli_on_the_shipped_checkpoint():
     """The README's command on the real model: a peptide of exactly the asked length, checked."""
     r = runner.invoke(app, ["design", "--length", "12", "--charge", "3", "--decoding", "constrained"])
     assert r.exit_code == 0, r.output
-    prompt, answer, verdict = r.output.strip().splitlines()
+    prompt, answer, verdict = design_lines(r.stdout)
     assert prompt == "Design an antimicrobial peptide of length 12 with net charge +3."
     seq = answer.removeprefix("  answer: ")
     assert len(seq) == 12 and set(seq) <= set("ACDEFGHIKLMNPQRSTVWY")
