@@ -246,6 +246,8 @@ def check_expert_reuse(cfg, tmp_path) -> None:
     for task in TASKS:  # each expert trained its own number of steps (`expert_step_factor`)
         log = (cfg.work / "runs" / task / "metrics.jsonl").read_text().splitlines()
         assert json.loads(log[-1])["step"] == cfg.steps_of(task)
+        run = json.loads((cfg.work / "runs" / task / "run.json").read_text())
+        assert run["args"]["precision"] == cfg.expert_precision.get(task, "auto")  # bf16 where the config says
     assert set(record["train_sha1"]) == set(TASKS)
     assert "n_expert_acp" not in record["recipes"]["peptides"]  # each expert's recipe: its own data only
     same = replace(cfg, work=tmp_path / "work-same", out=tmp_path / "ck-same")
