@@ -154,3 +154,16 @@ def test_expert_step_factor_and_precision_enter_only_their_tasks_recipes():
         ReproduceConfig(expert_step_factor={"proteins": 2})
     with pytest.raises(ValueError, match="expert_precision: expected task -> one of"):
         ReproduceConfig(expert_precision={"peptides": "int8"})
+
+
+def test_gate_precision_is_checked_and_old_manifests_read_as_fp32():
+    """The gate trains in bf16 autocast since session 11; earlier manifests' gates trained at 'auto'
+    (fp32 on CPU), so reading one back must not claim bf16; a bad value fails naming the field."""
+    from xlora.science.pipeline import ReproduceConfig, config_from_manifest
+
+    assert ReproduceConfig().gate_precision == "bf16"
+    assert config_from_manifest({"n_expert_molecules": 2560, "gate_steps": 480}).gate_precision == "auto"
+    assert config_from_manifest({"n_expert_molecules": 2560, "gate_precision": "bf16"}).gate_precision == "bf16"
+    for bad in ("int8", None, True):
+        with pytest.raises(ValueError, match="gate_precision: expected one of"):
+            ReproduceConfig(gate_precision=bad)

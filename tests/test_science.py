@@ -194,6 +194,8 @@ def test_tiny_end_to_end(tmp_path):
         data["acp_sequences_train"] + data["acp_sequences_eval"] + data["acp_sequences_gate"]
     )
     assert json.loads((cfg.out / "xlora_config.json").read_text())["enable_softmax"] is False
+    (gate_run,) = (cfg.work / "runs").glob("gate-ck-*/run.json")  # the gate trained in bf16 (the default)
+    assert cfg.gate_precision == "bf16" and json.loads(gate_run.read_text())["args"]["precision"] == "bf16"
     assert "| X-LoRA (trained gate) |" in (cfg.out / "results.md").read_text()
     # resumable: a second call reuses every stage
     assert json.dumps(reproduce(cfg), sort_keys=True) == json.dumps(results, sort_keys=True)  # NaN-safe
