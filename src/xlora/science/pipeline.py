@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 import time
@@ -291,7 +292,8 @@ def commit_experts(cfg: ReproduceConfig, store: Path = EXPERT_STORE) -> None:
             "train_sha1": shas,
             # an expert this run reused keeps the training time recorded when it was trained
             "train_s": {t: times.get(f"expert {t}", before.get(t)) for t in TASKS},
-            "machine": {"cores": torch.get_num_threads(), "torch": torch.__version__},
+            # the machine's cores, not this process's thread setting (the commit may run single-threaded)
+            "machine": {"cores": os.cpu_count(), "torch": torch.__version__},
         }
         (Path(tmp) / "recipe.json").write_text(json.dumps(record, indent=1))
 
