@@ -21,7 +21,7 @@ from xlora.base_models import load_base
 from xlora.cli import checkpoint_path
 from xlora.science.decoding import DecodeOptions
 from xlora.science.evaluate import read_items
-from xlora.science.pipeline import MAX_NEW_TOKENS
+from xlora.science.recipe import MAX_NEW_TOKENS
 from xlora.science.retention import RETENTION, retention_items
 from xlora.science.scorecard import EvalOptions, paired_rows, score_model
 from xlora.science.tasks import TASKS

@@ -23,7 +23,7 @@ from xlora import XLoraModel
 from xlora.base_models import load_base
 from xlora.science.decoding import DecodeOptions
 from xlora.science.evaluate import read_items
-from xlora.science.pipeline import MAX_NEW_TOKENS
+from xlora.science.recipe import MAX_NEW_TOKENS
 from xlora.science.scorecard import EvalOptions, score_model
 from xlora.science.stats import bootstrap_mean
 from xlora.science.tasks import TASKS, mean_baseline

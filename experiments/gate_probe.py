@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     # the work dir's own data settings (stage_data writes them); --n-train/--n-eval/--seed override
     made = a.work / "data" / "data-settings.json"
     settings = json.loads(made.read_text()) if made.is_file() else {}
-    sizes = {k: v for k, v in settings.items() if k not in ("gate_fresh", "tasks")}
+    sizes = {k: v for k, v in settings.items() if k not in ("gate_fresh", "tasks", "gate_labels")}
     sizes |= {k: v for k, v in (("n_train", a.n_train), ("n_eval", a.n_eval), ("seed", a.seed)) if v is not None}
     cfg = ReproduceConfig(
         work=a.work,

@@ -33,7 +33,7 @@ from xlora.cli import checkpoint_path
 from xlora.science.evaluate import generate_answers, read_items
 from xlora.science.extra_gate import train_gate_plus
 from xlora.science.general import agreement, base_answered, general_prompts
-from xlora.science.pipeline import MAX_NEW_TOKENS, ReproduceConfig
+from xlora.science.recipe import MAX_NEW_TOKENS, ReproduceConfig
 from xlora.science.retention import RETENTION, retention_items
 from xlora.science.scorecard import EvalOptions, paired_rows, score_model
 from xlora.science.stats import bootstrap_mean, paired_difference

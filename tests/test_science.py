@@ -139,6 +139,7 @@ def test_tiny_end_to_end(tmp_path):
         gate_fresh=4,
         gate_general=3,
         gate_softmax=False,
+        gate_route_weight=0.5,
     )
     torch.manual_seed(0)
     results = reproduce(cfg)
@@ -180,6 +181,10 @@ def test_tiny_end_to_end(tmp_path):
     assert len(gate_rows) == 4 * 16 + 8 + 5 * 4 + 3 and len(cached) == 3
     last = json.loads(gate_rows[-1])["messages"]
     assert last[1]["content"] == cached[last[0]["content"]]
+    # each gate example names its task's expert (the routing prior's label); general prompts the base
+    labels = [json.loads(row)["expert"] for row in gate_rows]
+    assert labels[-3:] == ["base"] * 3 and set(labels[:-3]) == set(TASKS)
+    assert labels[:16] == ["molecule-properties"] * 16 and labels[-7:-3] == ["anticancer"] * 4
     from xlora.science.pipeline import stage_general
 
     (cfg.work / "data" / "general-base-answers.json").write_text("{broken")  # a cache only: answered again
@@ -195,12 +200,16 @@ def test_tiny_end_to_end(tmp_path):
     )
     assert json.loads((cfg.out / "xlora_config.json").read_text())["enable_softmax"] is False
     (gate_run,) = (cfg.work / "runs").glob("gate-ck-*/run.json")  # the gate trained in bf16 (the default)
-    assert cfg.gate_precision == "bf16" and json.loads(gate_run.read_text())["args"]["precision"] == "bf16"
+    gate_run_args = json.loads(gate_run.read_text())["args"]
+    assert cfg.gate_precision == "bf16" and gate_run_args["precision"] == "bf16"
+    assert gate_run_args["route_weight"] == 0.5  # the routing prior reached the gate's training
     assert "| X-LoRA (trained gate) |" in (cfg.out / "results.md").read_text()
     # resumable: a second call reuses every stage
     assert json.dumps(reproduce(cfg), sort_keys=True) == json.dumps(results, sort_keys=True)  # NaN-safe
     with pytest.raises(ValueError, match=r"xlora_config.json: a gate with other settings \(xlora_size=8\)"):
         reproduce(replace(cfg, gate_size=16))  # never silently reuse a gate of other settings
+    with pytest.raises(ValueError, match=r"other settings \(gate_route_weight=0.5 there, 1.0 here\)"):
+        reproduce(replace(cfg, gate_route_weight=1.0))  # ... nor one trained with another routing prior
     # ... nor a checkpoint over other experts (say, a three-expert one from before session 8)
     older = tmp_path / "ck-three"
     older.mkdir()
@@ -231,6 +240,8 @@ def check_gate_plus(cfg) -> None:
         config["xlora_size"] == cfg.gate_size
         and config["adapters"] == json.loads((cfg.out / "xlora_config.json").read_text())["adapters"]
     )
+    plus_args = json.loads((cfg.work / "runs" / "plus" / "run.json").read_text())["args"]
+    assert plus_args["precision"] == cfg.gate_precision and plus_args["route_weight"] == cfg.gate_route_weight
     stamp = (gate / "xlora_classifier.safetensors").stat().st_mtime_ns
     assert train_gate_plus(cfg.work, cfg.out, extra, "plus", steps=2) == gate  # done: not retrained
     assert (gate / "xlora_classifier.safetensors").stat().st_mtime_ns == stamp

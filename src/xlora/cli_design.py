@@ -36,7 +36,7 @@ def design(
     from .model import XLoraModel
     from .science.decoding import DECODINGS, DecodeOptions, decode_answers
     from .science.design import check_design, heavy_atoms, molecule_request, peptide_request
-    from .science.pipeline import MAX_NEW_TOKENS
+    from .science.recipe import MAX_NEW_TOKENS
 
     if (formula is None) == (length is None):
         _fail("give either --formula (a molecule) or --length [--charge] (a peptide)")

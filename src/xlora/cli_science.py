@@ -22,7 +22,7 @@ def reproduce(
     expert_steps: Annotated[
         int,
         typer.Option(
-            help="Steps of 16 per expert pass; the property expert trains 4x, the peptide expert 5x, both in bf16 "
+            help="Steps of 16 per expert pass; the property expert trains 4x, the peptide expert 5x, all in bf16 "
             "(the committed experts are reused only at the default)."
         ),
     ] = 160,
@@ -30,6 +30,9 @@ def reproduce(
     gate_precision: Annotated[
         str, typer.Option(help="The gate's training precision: auto (fp32 on CPU), fp32, bf16 or fp16.")
     ] = "bf16",
+    gate_route_weight: Annotated[
+        float, typer.Option(help="Routing prior: pull each gate example towards its task's expert alone (0: off).")
+    ] = 0.0,
     gate_lr: float = 5e-3,
     gate_size: int = 256,
     gate_depth: int = 2,
@@ -57,6 +60,7 @@ def reproduce(
             expert_steps=expert_steps,
             gate_steps=gate_steps,
             gate_precision=gate_precision,
+            gate_route_weight=gate_route_weight,
             gate_lr=gate_lr,
             gate_size=gate_size,
             gate_depth=gate_depth,
@@ -95,7 +99,7 @@ def demo(
     from .base_models import load_base
     from .model import XLoraModel
     from .science.figures import heatmaps, routing_for, token_weights
-    from .science.pipeline import MAX_NEW_TOKENS
+    from .science.recipe import MAX_NEW_TOKENS
 
     try:
         ck = checkpoint or shipped_checkpoint()
@@ -198,7 +202,7 @@ def eval_cmd(
     from .cli_guard import err
     from .model import XLoraModel
     from .science.evaluate import read_items
-    from .science.pipeline import MAX_NEW_TOKENS
+    from .science.recipe import MAX_NEW_TOKENS
     from .science.scorecard import EvalOptions, evaluate_checkpoint, parse_models, scorecard_table, select_variants
     from .science.tasks import TASKS
 

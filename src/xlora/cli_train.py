@@ -127,6 +127,9 @@ def train_gate_cmd(
     scaling_pass_layers: Annotated[int | None, SCALING_PASS_LAYERS] = None,
     entropy_weight: Annotated[float, typer.Option(help="+w * scalings entropy: >0 sharper, <0 smoother.")] = 0.0,
     balance_weight: Annotated[float, typer.Option(help="+w * variance of mean expert use.")] = 0.0,
+    route_weight: Annotated[
+        float, typer.Option(help="+w * squared distance of scalings from each record's 'expert' (one-hot).")
+    ] = 0.0,
     epochs: float = 1.0,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
     lr: float = 1e-3,
@@ -155,7 +158,7 @@ def train_gate_cmd(
 
     try:
         options = {k: v for k, v in locals().items() if k in TRAIN_KEYS}
-        options.update(entropy_weight=entropy_weight, balance_weight=balance_weight)
+        options.update(entropy_weight=entropy_weight, balance_weight=balance_weight, route_weight=route_weight)
         rank_id, model_base, tokenizer, train_ds, eval_ds, args = _prepare(
             base, device, data, eval, max_length, out, run_dir, options, dtype, quantize
         )

@@ -5,6 +5,9 @@ Three record shapes, one per line (JSONL) or row (CSV):
 - `{"messages": [{"role": ..., "content": ...}, ...]}`: the tokenizer's chat template, loss on the
   assistant turns (in CSV, `messages` holds the JSON list);
 - `{"text": ...}`: loss on every token.
+
+Any record may also name the expert that should answer it, `"expert": "<name>"` (or `"base"` for no
+expert): gate training can then add a routing prior (`TrainingArgs.route_weight`, see `train.py`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class DataError(ValueError):
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss is taken
+    route: str | None = None  # the record's "expert": who should answer it ("base": no expert); None: unsaid
 
 
 def read_text(path: Path) -> str:
@@ -126,7 +130,16 @@ def _chat_example(tokenizer, messages: list[dict], where: str) -> Example:
 
 
 def encode_record(tokenizer, record: dict[str, Any], where: str) -> Example:
-    """One record -> token ids and labels (see the module docstring for the shapes)."""
+    """One record -> token ids, labels and routing label (see the module docstring for the shapes)."""
+    route = record.get("expert")
+    if route is not None and (not isinstance(route, str) or not route):
+        raise DataError(f"{where}: 'expert' must be an expert's name or \"base\", got {route!r}")
+    example = _encode_text(tokenizer, record, where)
+    example.route = route
+    return example
+
+
+def _encode_text(tokenizer, record: dict[str, Any], where: str) -> Example:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if "messages" in record:
         if not isinstance(record["messages"], list):
@@ -172,7 +185,7 @@ class TokenizedDataset(torch.utils.data.Dataset):
         for i, ex in enumerate(examples):
             ids, labels = ex.input_ids[:max_length], ex.labels[:max_length]
             if any(label != IGNORE for label in labels[1:]):
-                self.examples.append(Example(ids, labels))
+                self.examples.append(Example(ids, labels, ex.route))
                 self.n_truncated += len(ex.input_ids) > max_length
             else:
                 has_loss = any(label != IGNORE for label in ex.labels[1:])
@@ -207,8 +220,9 @@ def load_dataset(path: str | Path, tokenizer, max_length: int = 512) -> Tokenize
     return TokenizedDataset(examples, max_length, source=str(path), lines=[line for line, _ in records])
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: input_ids, attention_mask and labels `[B, T]`."""
+def collate(examples: list[Example], pad_id: int, routes: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids, attention_mask and labels `[B, T]`; with `routes` (name -> expert
+    index, "base" -> -1) also `route` `[B]`: each example's routing label, -2 where it has none."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -218,4 +232,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if routes is not None:
+        batch["route"] = torch.tensor([routes[e.route] if e.route is not None else -2 for e in examples])
+    return batch

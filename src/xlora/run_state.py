@@ -58,11 +58,12 @@ def folder_fingerprint(folder: Path, names: Iterable[str]) -> str:
 
 
 def dataset_fingerprint(dataset) -> str:
-    """sha256 over every example's token ids and labels, in order (what the run trains on)."""
+    """sha256 over every example's token ids, labels and routing label (where it has one), in order."""
     h = hashlib.sha256()
     for i in range(len(dataset)):
         ex = dataset[i]
-        h.update(json.dumps([list(ex.input_ids), list(ex.labels)]).encode())
+        route = getattr(ex, "route", None)  # left out when unsaid: runs from before routing labels still match
+        h.update(json.dumps([list(ex.input_ids), list(ex.labels)] + ([route] if route is not None else [])).encode())
     return h.hexdigest()[:16]
 
 

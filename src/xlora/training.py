@@ -66,6 +66,9 @@ class TrainingArgs:
     resume: bool | str = False  # True: continue the run (error if it has no checkpoint); "auto": if it has one
     entropy_weight: float = 0.0  # gate only: + w * mean scalings entropy (w > 0 sharper, w < 0 smoother)
     balance_weight: float = 0.0  # gate only: + w * variance over experts of their mean weight
+    # gate only: + w * mean squared distance of each token's scalings from its record's "expert" (one-hot;
+    # all zeros for "base"); records without one add nothing
+    route_weight: float = 0.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -80,6 +83,7 @@ class TrainingArgs:
             (self.warmup_steps >= 0, "warmup_steps", ">= 0"),
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "> 0 or None"),
             (self.resume in (True, False, "auto"), "resume", "True, False or 'auto'"),
+            (math.isfinite(self.route_weight) and self.route_weight >= 0, "route_weight", "a finite number >= 0"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -92,7 +96,10 @@ class TrainingArgs:
     def identity(self) -> dict:
         """The arguments that decide what a run computes (a resume must not change them)."""
         volatile = ("output_dir", "run_dir", "resume", "progress", "eval_every", "save_every")
-        return {k: v for k, v in asdict(self).items() if k not in volatile}
+        out = {k: v for k, v in asdict(self).items() if k not in volatile}
+        if not out["route_weight"]:  # added in session 12: runs started before it (at 0) still resume
+            del out["route_weight"]
+        return out
 
 
 def distributed() -> tuple[int, int]:
@@ -141,7 +148,8 @@ def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 class Regulariser:
     """Extra loss from the last forward (gate training): returns a scalar per micro-batch."""
 
-    fn: Callable[[torch.Tensor], torch.Tensor]  # attention_mask [B, T] -> scalar
+    fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]  # the micro-batch (collate's dict) -> scalar
+    routes: dict[str, int] | None = None  # routing label -> expert index, when the batches need `route`
 
 
 class Trainer:
@@ -330,7 +338,8 @@ class Trainer:
     def train_step(self) -> tuple[float, int]:
         """One optimizer step; returns (mean loss over the global batch, tokens processed globally)."""
         self.module.train()
-        micro = [collate([self.train_ds[i] for i in idx], self.pad_id) for idx in self.batch_indices(self.step)]
+        routes = self.regulariser.routes if self.regulariser is not None else None
+        micro = [collate([self.train_ds[i] for i in idx], self.pad_id, routes) for idx in self.batch_indices(self.step)]
         micro = [{k: v.to(self.device) for k, v in b.items()} for b in micro]
         local = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)), device=self.device)
         n_tokens = float(_all_sum(local.clone()))
@@ -342,7 +351,7 @@ class Trainer:
                 ce, count = self._forward_ce(batch)
                 loss = ce / n_tokens * self.world  # DDP averages gradients over processes
                 if self.regulariser is not None:
-                    loss = loss + self.regulariser.fn(batch["attention_mask"]) * (count / n_tokens) * self.world
+                    loss = loss + self.regulariser.fn(batch) * (count / n_tokens) * self.world
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:

@@ -88,7 +88,7 @@ def variants(model) -> dict[str, object]:
 def evaluate_all(cfg) -> dict:
     from ..base_models import load_base
     from ..model import XLoraModel
-    from .pipeline import MAX_NEW_TOKENS
+    from .recipe import MAX_NEW_TOKENS
 
     results_path = cfg.out / "results.json"
     if results_path.is_file():

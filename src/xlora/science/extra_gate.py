@@ -21,7 +21,7 @@ def train_gate_plus(work: Path, checkpoint: Path, extra: list[Item], name: str, 
     from ..data import load_dataset
     from ..model import XLoraModel
     from ..train import train_gate
-    from .pipeline import config_from_manifest, gate_config, stage_args, stage_general, write_text_atomic
+    from .pipeline import config_from_manifest, gate_args, gate_config, stage_general, write_text_atomic
 
     out = work / name
     if (out / "xlora_config.json").is_file():
@@ -41,7 +41,7 @@ def train_gate_plus(work: Path, checkpoint: Path, extra: list[Item], name: str, 
     ds = load_dataset(data, tok, cfg.max_length)
     steps = steps or math.ceil(len(ds) / cfg.batch_size)
     print(f"training gate {name}: {len(ds)} examples ({len(extra)} extra), {steps} steps", flush=True)
-    args = stage_args(cfg, out, name, steps, cfg.gate_lr)
+    args = gate_args(cfg, out, name, steps)  # the run's precision and routing prior too
     train_gate(model, ds, None, args, pad_token_id=tok.pad_token_id or 0)
     return out
 

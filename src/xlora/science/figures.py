@@ -85,7 +85,7 @@ def write_figures(checkpoint: Path, data_dir: Path, out_dir: Path | None = None,
     """Figures for the first held-out prompt of every task."""
     from ..base_models import load_base
     from ..model import XLoraModel
-    from .pipeline import MAX_NEW_TOKENS
+    from .recipe import MAX_NEW_TOKENS
     from .tasks import TASKS
 
     out_dir = out_dir or checkpoint / "figures"

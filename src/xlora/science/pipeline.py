@@ -12,144 +12,16 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from .recipe import ReproduceConfig, config_from_manifest
 from .splits import build_items, chat_record, gate_records
 from .tasks import TASKS
 from .testsets import TEST_KEYS, HoldoutSizes, write_test_sets
-
-MAX_NEW_TOKENS = {
-    "molecule-properties": 24, "molecule-design": 32, "peptides": 40, "molecule-thermo": 28, "anticancer": 8,
-}  # fmt: skip
-
-
-@dataclass
-class ReproduceConfig:
-    """Sizes chosen so the whole experiment runs in about 2 hours on 2 CPU cores (the experts, the
-    bulk of it, are committed and reused: see `stage_experts`)."""
-
-    out: Path = Path("models/xlora-science")  # the shipped checkpoint (small)
-    base: str = "default"  # the embedded SmolLM2, or a local model directory (tests use a tiny one)
-    work: Path = Path("xlora-reproduce")  # data files, runs, intermediate experts (not shipped)
-    seed: int = 0
-    n_train: int = 320  # per task: the share of each expert's training data the gate also trains on
-    n_eval: int = 24  # per task
-    # The experts (session 6: 8x the data of the first recipe, batch 16, four projections; see the
-    # README's "What moved the experts"). Molecules per molecule task; peptides to classify and to design.
-    n_expert_molecules: int = 2560
-    n_expert_classify: int = 1600
-    n_expert_design: int = 480
-    expert_formula_items: bool = True  # half the design expert's molecules go SMILES -> formula
-    # session 8's two more domains: the thermochemistry expert trains on the property expert's
-    # molecules; anticancer peptides (balanced), few because modlamp has 343 usable anticancer ones
-    n_expert_acp: int = 360
-    acp_gate_fresh: int = 80  # fresh anticancer gate examples (balanced), instead of gate_fresh
-    expert_steps: int = 160
-    expert_batch_size: int = 16
-    # session 10: the two experts short of the issue's targets (gap MAE, AMP accuracy) train several
-    # passes: `expert_steps` times this factor, in bf16 autocast (1.7x faster than fp32 on this
-    # machine's AMX CPU, so the run stays in budget; slower on CPUs without AMX/AVX512-BF16). Tasks not
-    # named keep the recipe they were committed with (one pass, precision "auto" = fp32 on CPU).
-    expert_step_factor: dict[str, int] = field(default_factory=lambda: {"molecule-properties": 4, "peptides": 5})
-    expert_precision: dict[str, str] = field(
-        default_factory=lambda: {"molecule-properties": "bf16", "peptides": "bf16"}
-    )
-    # session 11: 800 steps of 8, about 2 passes over the gate data (480 in sessions 9-10, 240 before),
-    # in bf16 autocast: 2.6 s per step here against about 2.9 s in fp32 (session 10's run), a smaller
-    # gain than the experts' 1.75x (not profiled)
-    gate_steps: int = 800
-    gate_precision: str = "bf16"
-    batch_size: int = 8  # the gate's
-    rank: int = 8
-    alpha: float = 16.0
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "o_proj", "gate_proj"])
-    expert_lr: float = 2e-3
-    # The gate: these settings won the investigation in the README (softmax, width 64, lr 2e-3 and
-    # the experts' own data left the mixture behind the single experts).
-    gate_lr: float = 5e-3
-    gate_size: int = 256
-    gate_depth: int = 2
-    gate_softmax: bool = False  # unconstrained scalings: the gate may also scale an expert up or down
-    gate_layerwise: bool = True
-    gate_fresh: int = 320  # per task: extra gate-training examples the experts never saw
-    # everyday prompts answered by the base itself, added to the gate data so the gate learns to leave
-    # a general question to the base (README, "Knowledge retention"); 0 = science prompts only
-    gate_general: int = 320  # session 9 (0 until session 8)
-    max_length: int = 128
-    gate_scaling_pass_layers: int | None = None  # early gate: the scaling pass runs the first k layers
-    # the larger test sets for `xlora eval` (testsets.py): disjoint from all of the above
-    n_test: int = 200  # per task, scored by loss
-    n_test_generate: int = 100  # per generated metric
-
-    def expert_recipe(self, task: str) -> dict:
-        """What decides one task's expert (its data sizes, steps, LoRA shape, base): equal recipes,
-        equal experts. The first three tasks keep the recipe they were committed with in session 6."""
-        data = {
-            "molecule-thermo": ("n_expert_molecules",),
-            "anticancer": ("n_expert_acp",),
-        }.get(task, ("n_expert_molecules", "n_expert_classify", "n_expert_design", "expert_formula_items"))
-        keys = (
-            "base", "seed", *data, "expert_steps", "expert_batch_size", "rank", "alpha", "targets", "expert_lr",
-            "max_length",
-        )  # fmt: skip
-        recipe = {k: getattr(self, k) for k in keys}
-        # only what differs from one pass at the default precision, so stating the default changes nothing
-        if self.expert_step_factor.get(task, 1) != 1:
-            recipe["expert_step_factor"] = self.expert_step_factor[task]
-        if self.expert_precision.get(task, "auto") != "auto":
-            recipe["expert_precision"] = self.expert_precision[task]
-        return json.loads(json.dumps(recipe, default=str))
-
-    def steps_of(self, task: str) -> int:
-        """Training steps of one task's expert."""
-        return self.expert_steps * self.expert_step_factor.get(task, 1)
-
-    def __post_init__(self) -> None:
-        from ..training import PRECISIONS
-
-        for name, table, ok, expected in (
-            ("expert_step_factor", self.expert_step_factor, _is_factor, f"an integer from 1 to {MAX_STEP_FACTOR}"),
-            ("expert_precision", self.expert_precision, lambda v: v in PRECISIONS, f"one of {PRECISIONS}"),
-        ):
-            if not isinstance(table, dict):
-                raise ValueError(f"{name}: expected a dict of task -> {expected}, got {table!r}")
-            for task, value in table.items():
-                if task not in TASKS or not ok(value):
-                    raise ValueError(f"{name}: expected task -> {expected} for {TASKS}, got {task!r}: {value!r}")
-        if self.gate_precision not in PRECISIONS:
-            raise ValueError(f"gate_precision: expected one of {PRECISIONS}, got {self.gate_precision!r}")
-
-
-MAX_STEP_FACTOR = 100
-
-
-def _is_factor(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_STEP_FACTOR
-
-
-def config_from_manifest(config: dict) -> ReproduceConfig:
-    """The ReproduceConfig a manifest's `config` section records. Manifests from before the
-    session-6 expert recipe (no `n_expert_molecules`) trained each expert on `n_train` items (peptides:
-    half to classify, half to design), without formula items, in batches of `batch_size`."""
-    known = {f.name for f in fields(ReproduceConfig)}
-    values = {k: v for k, v in config.items() if k in known}
-    if "n_expert_molecules" not in config:
-        n = int(config.get("n_train", ReproduceConfig.n_train))
-        values |= {"n_expert_molecules": n, "n_expert_classify": n // 2, "n_expert_design": n // 2}
-        values |= {"expert_formula_items": False, "expert_batch_size": int(config.get("batch_size", 8))}
-    values.setdefault("gate_general", 0)  # gates before session 9 trained on science prompts only
-    values.setdefault("expert_step_factor", {})  # before session 10 every expert trained one pass, fp32
-    values.setdefault("expert_precision", {})
-    values.setdefault("gate_precision", "auto")  # gates before session 11 trained in fp32 on CPU
-    for key in ("out", "work"):
-        if key in values:
-            values[key] = Path(values[key])
-    return ReproduceConfig(**values)
-
 
 # ---------------------------------------------------------------------- data
 
@@ -166,7 +38,8 @@ def stage_data(cfg: ReproduceConfig) -> dict:
     ids = json.loads(marker.read_text()) if marker.is_file() else {}
     keys = ("seed", "n_train", "n_eval", "n_expert_molecules", "n_expert_classify", "n_expert_design")
     keys += ("expert_formula_items", "gate_fresh", "n_expert_acp", "acp_gate_fresh")
-    settings = {k: getattr(cfg, k) for k in keys} | {"tasks": list(TASKS)}
+    # "gate_labels": the gate file names each example's expert (session 12); older folders rebuild
+    settings = {k: getattr(cfg, k) for k in keys} | {"tasks": list(TASKS), "gate_labels": True}
     done = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
     if done != settings or not (data / "gate-train.jsonl").is_file():
         # (re)build everything: another recipe's files must not be trained on silently
@@ -335,6 +208,14 @@ def gate_config(cfg: ReproduceConfig):
     )
 
 
+def gate_args(cfg: ReproduceConfig, out: Path, run: str, steps: int):
+    """A gate stage's training options: `stage_args` at the gate's learning rate, precision and routing prior."""
+    args = stage_args(cfg, out, run, steps, cfg.gate_lr)
+    args.precision = cfg.gate_precision
+    args.route_weight = cfg.gate_route_weight
+    return args
+
+
 def train_gate_stage(cfg: ReproduceConfig, experts: dict[str, Path], out: Path, run: str, data: Path) -> None:
     """Train a gate over `experts` on the chat records in `data`; the checkpoint goes to `out`."""
     from ..base_models import load_base
@@ -346,8 +227,7 @@ def train_gate_stage(cfg: ReproduceConfig, experts: dict[str, Path], out: Path, 
     torch.manual_seed(cfg.seed)
     model = XLoraModel.from_experts(base, experts, gate_config(cfg), base_model_id=cfg.base)
     ds = load_dataset(data, tok, cfg.max_length)
-    args = stage_args(cfg, out, run, cfg.gate_steps, cfg.gate_lr)
-    args.precision = cfg.gate_precision
+    args = gate_args(cfg, out, run, cfg.gate_steps)
     print(f"training the gate ({len(ds)} examples, {cfg.gate_steps} steps)")
     train_gate(model, ds, None, args, pad_token_id=tok.pad_token_id or 0)
 
@@ -378,7 +258,7 @@ def stage_general(cfg: ReproduceConfig) -> Path:
             answers = generate_answers(base.eval(), tok, [Item("general", p, "", {}) for p in todo], 32, 32)
         done |= dict(zip(todo, answers))
         write_text_atomic(cache, json.dumps(done, indent=1))
-    rows = [chat_record(it) for it in base_answered(prompts, [done[p] for p in prompts])]
+    rows = [chat_record(it) | {"expert": "base"} for it in base_answered(prompts, [done[p] for p in prompts])]
     out = data / f"gate-train-general{cfg.gate_general}.jsonl"
     write_text_atomic(out, (data / "gate-train.jsonl").read_text() + "".join(json.dumps(r) + "\n" for r in rows))
     return out
@@ -388,6 +268,31 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def run_settings(cfg: ReproduceConfig) -> dict:
+    """What decides the gate (data, experts, gate options): the config less paths and test-set sizes."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("out", "work", "n_test", "n_test_generate")}
+
+
+def check_finished_run(cfg: ReproduceConfig) -> None:
+    """A finished checkpoint at `cfg.out` (it has a manifest) is reused only by a run with its settings:
+    say, a gate trained without the routing prior is never taken for one trained with it."""
+    path = cfg.out / "manifest.json"
+    if not path.is_file():
+        return
+    try:
+        had = run_settings(config_from_manifest(json.loads(path.read_text())["config"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable ({e}); choose another --out or delete it") from None
+    want = json.loads(json.dumps(run_settings(cfg), default=str))
+    had = json.loads(json.dumps(had, default=str))
+    differ = [f"{k}={had.get(k)!r} there, {want[k]!r} here" for k in sorted(want) if had.get(k) != want[k]]
+    if differ:
+        raise ValueError(
+            f"{cfg.out}: a checkpoint from a run with other settings ({'; '.join(differ)}) is already there; "
+            "choose another --out or delete it"
+        )
 
 
 def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
@@ -406,14 +311,17 @@ def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
                 f"{existing}: a gate with other settings ({', '.join(f'{k}={have[k]}' for k in differ)}) is already "
                 "there; choose another --out or delete it"
             )
+        check_finished_run(cfg)
         return cfg.out
     t0 = time.time()
     # the run directory (resumable checkpoints) is named by the settings, so changing them starts afresh
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "work", "n_test", "n_test_generate")}
+    settings = run_settings(cfg)
     if cfg.gate_scaling_pass_layers is None:  # added later: runs of full-pass gates keep their folder
         del settings["gate_scaling_pass_layers"]
     if cfg.gate_general == 0:  # added later: runs of science-only gates keep their folder
         del settings["gate_general"]
+    if not cfg.gate_route_weight:  # added in session 12: runs without a routing prior keep their folder
+        del settings["gate_route_weight"]
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     train_gate_stage(cfg, experts, cfg.out, f"gate-{cfg.out.name}-{tag}", stage_general(cfg))
     record_time(cfg, "gate", time.time() - t0)

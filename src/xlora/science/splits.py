@@ -124,9 +124,10 @@ def gate_share(items: list[Item], n: int) -> list[Item]:
 
 
 def gate_records(train: ItemsByTask, fresh: ItemsByTask, n_train: int) -> list[dict]:
-    """The gate's data: `n_train` of each expert's training examples, then the fresh ones no expert saw."""
-    seen = [chat_record(i) for task in TASKS for i in gate_share(train[task], n_train)]
-    return seen + [chat_record(i) for task in TASKS for i in fresh[task]]
+    """The gate's data: `n_train` of each expert's training examples, then the fresh ones no expert saw;
+    each names its task's expert (`"expert"`, for the gate's routing prior)."""
+    seen = [chat_record(i) | {"expert": task} for task in TASKS for i in gate_share(train[task], n_train)]
+    return seen + [chat_record(i) | {"expert": task} for task in TASKS for i in fresh[task]]
 
 
 __all__ = ["ItemsByTask", "build_items", "chat_record", "gate_records", "gate_share"]
