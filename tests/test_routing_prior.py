@@ -6,17 +6,32 @@ import json
 
 import pytest
 import torch
-from training_helpers import cli, gate_cli_args, run_gate
+from helpers import load_base
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from training_helpers import cli, gate_cli_args
 from transformers import AutoTokenizer
 
+from xlora import XLoraConfig, XLoraModel
 from xlora.data import DataError, collate, load_dataset
-from xlora.train import routing_prior
+from xlora.run_state import RunError
+from xlora.train import routing_prior, train_gate
 from xlora.training import TrainingArgs
 
 
 def write_routed(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def routed_gate(setup, out, softmax: bool = False, **kw):
+    """A tiny gate (unconstrained scalings unless `softmax`) trained on `setup`'s data; (model, step log)."""
+    base_dir, experts, data, ev = setup
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    torch.manual_seed(0)
+    config = XLoraConfig(xlora_depth=2, xlora_size=16, layerwise_scalings=True, enable_softmax=softmax)
+    model = XLoraModel.from_experts(load_base(base_dir), experts, config)
+    args = TrainingArgs(**{"output_dir": str(out), "batch_size": 4, "lr": 2e-2, "seed": 3, "progress": False, **kw})
+    return model, train_gate(model, load_dataset(data, tok), load_dataset(ev, tok), args, pad_token_id=0)
 
 
 def labelled_rows(names: list[str]) -> list[dict]:
@@ -71,27 +86,71 @@ def test_route_weight_pulls_each_example_towards_its_expert(train_setup, tmp_pat
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return routing_prior(model.get_latest_scalings(), batch["attention_mask"], batch["route"]).item()
 
-    plain, plain_log = run_gate(setup, tmp_path / "plain", max_steps=36, lr=2e-2)
-    routed, routed_log = run_gate(setup, tmp_path / "routed", max_steps=36, lr=2e-2, route_weight=5.0)
+    plain, plain_log = routed_gate(setup, tmp_path / "plain", max_steps=36, save_every=12)
+    routed, routed_log = routed_gate(setup, tmp_path / "routed", max_steps=36, route_weight=5.0, save_every=12)
     assert prior(routed) < 0.5 * prior(plain)  # the scalings moved towards each row's label
     assert [r["loss"] for r in routed_log if "loss" in r] != [r["loss"] for r in plain_log if "loss" in r]
     run = json.loads((tmp_path / "routed-run" / "run.json").read_text())
     assert run["args"]["route_weight"] == 5.0
-    assert "route_weight" not in json.loads((tmp_path / "plain-run" / "run.json").read_text())["args"]
+    plain_run = json.loads((tmp_path / "plain-run" / "run.json").read_text())
+    assert "route_weight" not in plain_run["args"] and "routes_sha256" not in plain_run["data"]
+    assert "routes_sha256" in run["data"]  # a resume with other labels is another run ...
+    # ... but labels no term reads do not stop one: the plain run resumes on the data without labels
+    rows = [{k: v for k, v in r.items() if k != "expert"} for r in labelled_rows(["chem", "prot"])]
+    bare = write_routed(tmp_path / "bare.jsonl", rows)
+    routed_gate((base_dir, experts, bare, ev), tmp_path / "plain", max_steps=36, save_every=12, resume=True)
+    relabelled = write_routed(tmp_path / "relabelled.jsonl", labelled_rows(["prot", "chem"]))
+    with pytest.raises(RunError, match="changed: data.routes_sha256"):
+        routed_gate(
+            (base_dir, experts, relabelled, ev), tmp_path / "routed", max_steps=36, route_weight=5.0, resume=True
+        )
+
+
+def test_the_prior_does_not_depend_on_how_the_batch_is_split(train_setup, tmp_path):
+    """One global batch of 8 rows (one labelled) as 8 x 1, 4 x 2, 2 x 4 and 1 x 8: the same gradient."""
+    base_dir, experts, _, ev = train_setup
+    rows = [{k: v for k, v in r.items() if k != "expert"} for r in labelled_rows(["chem", "prot"])[:8]]
+    rows[5]["expert"] = "chem"
+    data = write_routed(tmp_path / "one.jsonl", rows)
+    grads: list[torch.Tensor] = []
+
+    def keep(optimizer, *_):  # the gradient the first step applies
+        grads.append(torch.cat([p.grad.flatten() for g in optimizer.param_groups for p in g["params"]]).clone())
+
+    handle = register_optimizer_step_pre_hook(keep)
+    try:
+        for batch, accum in ((8, 1), (4, 2), (2, 4), (1, 8)):
+            routed_gate(
+                (base_dir, experts, data, ev), tmp_path / f"s{batch}", max_steps=1, batch_size=batch,
+                grad_accum=accum, route_weight=1.0, max_grad_norm=None,
+            )  # fmt: skip
+    finally:
+        handle.remove()
+    assert len(grads) == 4
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-7)
 
 
 def test_route_weight_errors_name_the_problem(train_setup, tmp_path):
     base_dir, experts, _, ev = train_setup
     unknown = write_routed(tmp_path / "unknown.jsonl", labelled_rows(["chem", "protein"]))
-    with pytest.raises(ValueError, match=r"'expert' 'protein' is not one of this model's experts"):
-        run_gate((base_dir, experts, unknown, ev), tmp_path / "u", max_steps=1, route_weight=1.0)
-    with pytest.raises(ValueError, match="route_weight > 0 needs records with an 'expert' field"):
-        run_gate(train_setup, tmp_path / "n", max_steps=1, route_weight=1.0)  # no record names an expert
+    with pytest.raises(ValueError, match=r"unknown.jsonl:2: 'expert' 'protein' is not one of this model's experts"):
+        routed_gate((base_dir, experts, unknown, ev), tmp_path / "u", max_steps=1, route_weight=1.0)
+    with pytest.raises(ValueError, match="route_weight > 0 needs records with an 'expert' field; none has one"):
+        routed_gate(train_setup, tmp_path / "n", max_steps=1, route_weight=1.0)  # no record names an expert
     renamed = {"base" if name == "cot" else name: path for name, path in experts.items()}
     with pytest.raises(ValueError, match='an expert is named "base"'):
-        run_gate((base_dir, renamed, unknown, ev), tmp_path / "b", max_steps=1, route_weight=1.0)
-    with pytest.raises(ValueError, match="TrainingArgs.route_weight: expected a finite number >= 0"):
-        TrainingArgs(output_dir="x", route_weight=-1.0)
+        routed_gate((base_dir, renamed, unknown, ev), tmp_path / "b", max_steps=1, route_weight=1.0)
+    labelled = write_routed(tmp_path / "labelled.jsonl", labelled_rows(["chem", "prot"]))
+    with pytest.raises(ValueError, match=r"labelled.jsonl:4: 'expert' \"base\" \(no expert\) cannot be reached"):
+        routed_gate((base_dir, experts, labelled, ev), tmp_path / "sm", softmax=True, max_steps=1, route_weight=1.0)
+    for bad in (-1.0, float("nan"), float("inf"), "1", None, True, 10**400):
+        with pytest.raises(ValueError, match="TrainingArgs.route_weight: expected a finite number >= 0"):
+            TrainingArgs(output_dir="x", route_weight=bad)
+    # a weight so large that the loss overflows: an error, and no gate saved
+    with pytest.raises(ValueError, match="step 1: the training loss is not finite"):
+        routed_gate((base_dir, experts, labelled, ev), tmp_path / "big", max_steps=2, route_weight=1e308)
+    assert not (tmp_path / "big").exists()
     # the CLI: one line, no traceback
     r = cli(*gate_cli_args((base_dir, experts, unknown, ev), tmp_path / "c", "--steps", "1", "--route-weight", "1"))
     assert r.returncode != 0 and "not one of this model's experts" in r.stderr and "Traceback" not in r.stderr

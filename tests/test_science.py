@@ -210,6 +210,16 @@ def test_tiny_end_to_end(tmp_path):
         reproduce(replace(cfg, gate_size=16))  # never silently reuse a gate of other settings
     with pytest.raises(ValueError, match=r"other settings \(gate_route_weight=0.5 there, 1.0 here\)"):
         reproduce(replace(cfg, gate_route_weight=1.0))  # ... nor one trained with another routing prior
+    manifest_text = (cfg.out / "manifest.json").read_text()
+    (cfg.out / "manifest.json").unlink()  # as if killed during the evaluation: the gate's own record decides
+    with pytest.raises(ValueError, match=r"other settings \(gate_route_weight=0.5 there, 1.0 here\)"):
+        reproduce(replace(cfg, gate_route_weight=1.0))
+    settings_text = (cfg.out / "reproduce_settings.json").read_text()
+    (cfg.out / "reproduce_settings.json").unlink()  # no record at all: refused, not guessed
+    with pytest.raises(ValueError, match="without a record of the settings it was trained with"):
+        reproduce(cfg)
+    (cfg.out / "manifest.json").write_text(manifest_text)
+    (cfg.out / "reproduce_settings.json").write_text(settings_text)
     # ... nor a checkpoint over other experts (say, a three-expert one from before session 8)
     older = tmp_path / "ck-three"
     older.mkdir()

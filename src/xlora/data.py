@@ -176,6 +176,8 @@ class TokenizedDataset(torch.utils.data.Dataset):
         self, examples: list[Example], max_length: int, source: str | None = None, lines: list[int] | None = None
     ) -> None:
         where = source or "dataset"
+        self.source = source
+        self.example_lines: list[int] = []  # the file line of each kept example (when `lines` is given)
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise DataError(f"{where}: max_length: expected an integer >= 2, got {max_length!r}")
         self.examples = []
@@ -186,6 +188,8 @@ class TokenizedDataset(torch.utils.data.Dataset):
             ids, labels = ex.input_ids[:max_length], ex.labels[:max_length]
             if any(label != IGNORE for label in labels[1:]):
                 self.examples.append(Example(ids, labels, ex.route))
+                if lines:
+                    self.example_lines.append(lines[i])
                 self.n_truncated += len(ex.input_ids) > max_length
             else:
                 has_loss = any(label != IGNORE for label in ex.labels[1:])

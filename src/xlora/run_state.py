@@ -58,12 +58,20 @@ def folder_fingerprint(folder: Path, names: Iterable[str]) -> str:
 
 
 def dataset_fingerprint(dataset) -> str:
-    """sha256 over every example's token ids, labels and routing label (where it has one), in order."""
+    """sha256 over every example's token ids and labels, in order (what the run trains on); routing labels
+    are left out (`routes_fingerprint`: they matter only to a run with a routing prior)."""
     h = hashlib.sha256()
     for i in range(len(dataset)):
         ex = dataset[i]
-        route = getattr(ex, "route", None)  # left out when unsaid: runs from before routing labels still match
-        h.update(json.dumps([list(ex.input_ids), list(ex.labels)] + ([route] if route is not None else [])).encode())
+        h.update(json.dumps([list(ex.input_ids), list(ex.labels)]).encode())
+    return h.hexdigest()[:16]
+
+
+def routes_fingerprint(dataset) -> str:
+    """sha256 over every example's routing label ("expert"), in order."""
+    h = hashlib.sha256()
+    for i in range(len(dataset)):
+        h.update(json.dumps(getattr(dataset[i], "route", None)).encode())
     return h.hexdigest()[:16]
 
 

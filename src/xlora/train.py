@@ -140,29 +140,36 @@ def train_expert(
     return records
 
 
-def route_indices(model: XLoraModel, dataset: TokenizedDataset, where: str = "training data") -> dict[str, int]:
-    """Routing label -> expert index ("base" -> -1, no expert) for the labels `dataset` uses; an unknown
-    label is a ValueError naming it and the experts."""
+def route_indices(model: XLoraModel, dataset: TokenizedDataset) -> dict[str, int]:
+    """Routing label -> expert index ("base" -> -1, no expert) for the labels `dataset` uses; a label that
+    is no expert, no labels at all, or "base" under softmax scalings (they sum to 1, so "no expert" is out
+    of reach) is a ValueError naming the file and line."""
     names = list(model.expert_names)
     if "base" in names:
         raise ValueError('an expert is named "base", which routing labels reserve for "no expert": rename it')
     known = {name: i for i, name in enumerate(names)} | {"base": -1}
-    used = {ex.route for ex in dataset.examples if ex.route is not None}
-    unknown = sorted(used - set(known))
-    if unknown:
-        raise ValueError(f"{where}: 'expert' {unknown[0]!r} is not one of this model's experts {names} or \"base\"")
-    if not used:
+    where = getattr(dataset, "source", None) or "training data"
+    for i, ex in enumerate(dataset.examples):
+        at = f"{where}:{dataset.example_lines[i]}" if getattr(dataset, "example_lines", None) else where
+        if ex.route is not None and ex.route not in known:
+            raise ValueError(f"{at}: 'expert' {ex.route!r} is not one of this model's experts {names} or \"base\"")
+        if ex.route == "base" and model.config.enable_softmax:
+            raise ValueError(
+                f"{at}: 'expert' \"base\" (no expert) cannot be reached with softmax scalings, which sum to 1: "
+                "train the gate without softmax (--no-softmax) or label these records with an expert"
+            )
+    if all(ex.route is None for ex in dataset.examples):
         raise ValueError(f"{where}: route_weight > 0 needs records with an 'expert' field; none has one")
     return known
 
 
 def gate_regulariser(model: XLoraModel, args: TrainingArgs, dataset: TokenizedDataset) -> Regulariser | None:
-    """Entropy, load-balancing and routing-prior terms on the scalings of the last forward, over real tokens."""
+    """Entropy and load-balancing terms (means over each micro-batch's real tokens) and the routing prior
+    (a mean over every labelled token of the global batch) on the scalings of the last forward."""
     if not (args.entropy_weight or args.balance_weight or args.route_weight):
         return None
     if args.entropy_weight and not model.config.enable_softmax:
         raise ValueError("entropy_weight needs enable_softmax=True (scalings must be distributions)")
-    routes = route_indices(model, dataset) if args.route_weight else None
 
     def fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         s = model.get_latest_scalings()  # [B, T, L, N]
@@ -175,24 +182,39 @@ def gate_regulariser(model: XLoraModel, args: TrainingArgs, dataset: TokenizedDa
         if args.balance_weight:
             usage = (s * m[..., None]).sum(dim=(0, 1, 2)) / denom  # [N]
             total = total + args.balance_weight * usage.var(unbiased=False)
-        if args.route_weight:
-            total = total + args.route_weight * routing_prior(s, batch["attention_mask"], batch["route"])
         return total
 
-    return Regulariser(fn, routes)
+    def summed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        err, _ = routing_error(model.get_latest_scalings(), batch["attention_mask"], batch["route"])
+        return args.route_weight * err
+
+    def norm(batch: dict[str, torch.Tensor]) -> float:
+        return float((batch["attention_mask"] * (batch["route"] >= -1)[:, None]).sum())
+
+    plain = fn if (args.entropy_weight or args.balance_weight) else None
+    if not args.route_weight:
+        return Regulariser(plain)
+    return Regulariser(plain, summed, norm, route_indices(model, dataset))
+
+
+def routing_error(
+    scalings: torch.Tensor, attention_mask: torch.Tensor, route: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over the real tokens of labelled rows of the layer-mean of sum_n (s_n - target_n)^2, how many
+    such tokens). The target is one-hot on the row's expert (`route` >= 0) or all zeros (-1, the base
+    alone); rows at -2 are unlabelled. Why: next-token loss alone left the gate mixing three molecule
+    experts on a property question."""
+    n = scalings.shape[-1]
+    target = torch.nn.functional.one_hot(route.clamp_min(0), n).float() * (route >= 0)[:, None]  # [B, N]
+    m = attention_mask.float() * (route >= -1)[:, None]  # [B, T]: real tokens of labelled rows
+    err = ((scalings.float() - target[:, None, None, :]) ** 2).sum(-1).mean(-1)  # [B, T]
+    return (err * m).sum(), m.sum()
 
 
 def routing_prior(scalings: torch.Tensor, attention_mask: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
-    """Mean over the real tokens and layers of labelled rows of sum_n (s_n - target_n)^2, where target is
-    one-hot on the row's expert (`route` >= 0) or all zeros (-1, the base alone); rows at -2 are unlabelled.
-    Why: next-token loss alone left the gate mixing three molecule experts on a property question."""
-    n = scalings.shape[-1]
-    target = torch.nn.functional.one_hot(route.clamp_min(0), n).to(scalings.dtype)  # [B, N]
-    target = target * (route >= 0)[:, None]  # "base": all zeros
-    m = attention_mask.to(scalings.dtype) * (route >= -1)[:, None]  # [B, T]: real tokens of labelled rows
-    err = ((scalings.float() - target.float()[:, None, None, :]) ** 2).sum(-1)  # [B, T, L]
-    m = m.float()
-    return (err * m[:, :, None]).sum() / (m.sum() * scalings.shape[2]).clamp_min(1)
+    """The routing prior of one batch: `routing_error`'s mean per labelled token (0 when none is labelled)."""
+    err, count = routing_error(scalings, attention_mask, route)
+    return err / count.clamp_min(1)
 
 
 def train_gate(

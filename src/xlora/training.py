@@ -35,6 +35,7 @@ from .run_state import (
     dataset_fingerprint,
     find_checkpoint,
     read_checkpoint_files,
+    routes_fingerprint,
     truncate_metrics,
     write_checkpoint,
     write_run_identity,
@@ -83,7 +84,7 @@ class TrainingArgs:
             (self.warmup_steps >= 0, "warmup_steps", ">= 0"),
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "> 0 or None"),
             (self.resume in (True, False, "auto"), "resume", "True, False or 'auto'"),
-            (math.isfinite(self.route_weight) and self.route_weight >= 0, "route_weight", "a finite number >= 0"),
+            (_is_weight(self.route_weight), "route_weight", "a finite number >= 0"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -100,6 +101,16 @@ class TrainingArgs:
         if not out["route_weight"]:  # added in session 12: runs started before it (at 0) still resume
             del out["route_weight"]
         return out
+
+
+def _is_weight(value: object) -> bool:
+    """A finite float >= 0 (not a bool, not an int too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value >= 0
+    except OverflowError:
+        return False
 
 
 def distributed() -> tuple[int, int]:
@@ -146,9 +157,14 @@ def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
 @dataclass
 class Regulariser:
-    """Extra loss from the last forward (gate training): returns a scalar per micro-batch."""
+    """Extra loss from the last forward (gate training), in two forms: `fn`, a mean over the micro-batch,
+    weighted by its share of the global batch's loss tokens; `summed`, a sum over the micro-batch divided
+    by `norm` summed over the whole global batch (so the term does not change with how the batch is split
+    into micro-batches and processes)."""
 
-    fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]  # the micro-batch (collate's dict) -> scalar
+    fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None  # micro-batch (collate's dict) -> scalar
+    summed: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None  # micro-batch -> summed scalar
+    norm: Callable[[dict[str, torch.Tensor]], float] | None = None  # micro-batch -> its share of the divisor
     routes: dict[str, int] | None = None  # routing label -> expert index, when the batches need `route`
 
 
@@ -230,9 +246,17 @@ class Trainer:
         return {
             "args": self.args.identity(),
             "world_size": self.world,
-            "data": {"examples": len(self.train_ds), "sha256": dataset_fingerprint(self.train_ds)},
+            "data": {"examples": len(self.train_ds), "sha256": dataset_fingerprint(self.train_ds)}
+            | self._routes_identity(),
             **self.extra_identity,
         }
+
+    def _routes_identity(self) -> dict:
+        """The routing labels, when the run trains on them (a routing prior); else nothing, so labels that
+        no term reads do not stop a resume."""
+        if self.regulariser is None or self.regulariser.routes is None:
+            return {}
+        return {"routes_sha256": routes_fingerprint(self.train_ds)}
 
     def save_state(self) -> None:
         if self.rank == 0:
@@ -343,6 +367,9 @@ class Trainer:
         micro = [{k: v.to(self.device) for k, v in b.items()} for b in micro]
         local = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)), device=self.device)
         n_tokens = float(_all_sum(local.clone()))
+        reg = self.regulariser
+        if reg is not None and reg.summed is not None and reg.norm is not None:
+            denom = max(float(_all_sum(torch.tensor(float(sum(reg.norm(b) for b in micro)), device=self.device))), 1.0)
         ce_total = torch.zeros((), device=self.device)
         for j, batch in enumerate(micro):
             sync = j == len(micro) - 1
@@ -350,8 +377,16 @@ class Trainer:
             with ctx:
                 ce, count = self._forward_ce(batch)
                 loss = ce / n_tokens * self.world  # DDP averages gradients over processes
-                if self.regulariser is not None:
-                    loss = loss + self.regulariser.fn(batch) * (count / n_tokens) * self.world
+                if reg is not None and reg.fn is not None:
+                    loss = loss + reg.fn(batch) * (count / n_tokens) * self.world
+                if reg is not None and reg.summed is not None:
+                    loss = loss + reg.summed(batch) / denom * self.world
+                if self.scaler is None and not torch.isfinite(loss.detach()).all():
+                    raise ValueError(
+                        f"step {self.step + 1}: the training loss is not finite ({float(loss.detach()):g}); a "
+                        "regulariser weight or the learning rate is too large, or the data overflow this precision. "
+                        "Nothing was saved from this step"
+                    )
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:

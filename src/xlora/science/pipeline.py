@@ -275,22 +275,31 @@ def run_settings(cfg: ReproduceConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in ("out", "work", "n_test", "n_test_generate")}
 
 
+SETTINGS_FILE = "reproduce_settings.json"  # next to the gate: the run settings it was trained with
+
+
 def check_finished_run(cfg: ReproduceConfig) -> None:
-    """A finished checkpoint at `cfg.out` (it has a manifest) is reused only by a run with its settings:
-    say, a gate trained without the routing prior is never taken for one trained with it."""
-    path = cfg.out / "manifest.json"
-    if not path.is_file():
-        return
+    """A gate already at `cfg.out` is reused only by a run with the settings it was trained with
+    (`SETTINGS_FILE`, written when the gate is saved; older checkpoints: their manifest): say, a gate
+    trained without the routing prior is never taken for one trained with it."""
+    record, manifest = cfg.out / SETTINGS_FILE, cfg.out / "manifest.json"
+    source = record if record.is_file() else manifest
+    if not source.is_file():
+        raise ValueError(
+            f"{cfg.out}: a gate is there without a record of the settings it was trained with (a run killed "
+            "just after saving it, or an unfinished run of an older xlora); delete it or choose another --out"
+        )
     try:
-        had = run_settings(config_from_manifest(json.loads(path.read_text())["config"]))
+        data = json.loads(source.read_text())
+        had = data if source == record else run_settings(config_from_manifest(data["config"]))
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: unreadable ({e}); choose another --out or delete it") from None
+        raise ValueError(f"{source}: unreadable ({e}); delete {cfg.out} or choose another --out") from None
     want = json.loads(json.dumps(run_settings(cfg), default=str))
     had = json.loads(json.dumps(had, default=str))
     differ = [f"{k}={had.get(k)!r} there, {want[k]!r} here" for k in sorted(want) if had.get(k) != want[k]]
     if differ:
         raise ValueError(
-            f"{cfg.out}: a checkpoint from a run with other settings ({'; '.join(differ)}) is already there; "
+            f"{cfg.out}: a gate trained with other settings ({'; '.join(differ)}) is already there; "
             "choose another --out or delete it"
         )
 
@@ -324,6 +333,7 @@ def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
         del settings["gate_route_weight"]
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     train_gate_stage(cfg, experts, cfg.out, f"gate-{cfg.out.name}-{tag}", stage_general(cfg))
+    write_text_atomic(cfg.out / SETTINGS_FILE, json.dumps(run_settings(cfg), indent=1, default=str))
     record_time(cfg, "gate", time.time() - t0)
     return cfg.out
 
