@@ -143,7 +143,7 @@ def demo(
     if results.is_file() and checkpoint is None:  # the shipped checkpoint: say what its small table misses
         out.print(
             "\nThe run's own figures on 24 held-out items per task follow. They are small samples: on the "
-            "100-item test sets X-LoRA's AMP accuracy is 0.88 and its gap MAE 0.58 eV (the experts alone: 0.86, "
+            "100-item test sets X-LoRA's AMP accuracy is 0.84 and its gap MAE 0.56 eV (the experts alone: 0.86, "
             "0.41); the README's 'Results of the shipped run' has those figures with 95% intervals "
             "(`xlora eval --baselines`).",
             soft_wrap=True,
