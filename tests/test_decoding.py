@@ -23,7 +23,16 @@ def test_design_keeps_the_first_answer_meeting_the_prompts_formula():
     answers = ["C1=CC=CC=C1", "not a smiles", "Oc1ccccc1", "c1ccc(O)cc1"]  # benzene (wrong formula), ..., phenol
     assert combine("molecule-design", item, answers) == "Oc1ccccc1"
     assert score("molecule-design", [item], [combine("molecule-design", item, answers)])["exact_formula_rate"] == 1.0
-    assert combine("molecule-design", item, ["CCO", "C"]) == "CCO"  # none meets it: the greedy answer
+    assert combine("molecule-design", item, ["C(", "C1CC", "x"]) == "C("  # none is a molecule: the greedy answer
+
+
+def test_design_falls_back_to_a_valid_molecule_before_the_greedy_string():
+    item = design_item(PHENOL)  # asks for C6H6O; none of these has it
+    answers = ["C1CC", "CC(", "CCO", "C1=CC=CC=C1"]  # unclosed ring, open branch, ethanol, benzene
+    assert combine("molecule-design", item, answers) == "CCO"  # the first valid molecule, not broken greedy
+    scores = score("molecule-design", [item], [combine("molecule-design", item, answers)])
+    assert scores["valid_rate"] == 1.0 and scores["exact_formula_rate"] == 0.0
+    assert combine("molecule-design", item, ["C1CC", "CCO", "Oc1ccccc1"]) == "Oc1ccccc1"  # the formula still wins
 
 
 def test_design_check_reads_the_prompt_not_the_reference():
@@ -43,6 +52,8 @@ def test_peptides_vote_and_check_length_and_charge():
     assert abs(net_charge("KKLLKKLLKK") - q) <= 1
     answers = ["KKLLKK", "EELLEELLEE", "KKLLKKLLKK", "KKLLKKLLKR"]  # too short, wrong charge, right, right
     assert combine("peptides", design, answers) == "KKLLKKLLKK"
+    assert combine("peptides", design, ["KKLLKK", "EELLEELLEE", "EELLEELLE"]) == "EELLEELLEE"  # right length only
+    assert combine("peptides", design, ["KKLLKK", "EEXBEELLEE"]) == "KKLLKK"  # none has the length: greedy
 
 
 @pytest.mark.parametrize(

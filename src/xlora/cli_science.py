@@ -184,7 +184,8 @@ def eval_cmd(
         str,
         typer.Option(
             help="greedy, or checked: greedy + --samples sampled answers, combined per task (design prompts: the "
-            "first answer meeting the prompt's constraints; numbers: the median; yes/no: the majority); or "
+            "first answer meeting the prompt's constraints, else the first valid molecule or peptide of the asked "
+            "length; numbers: the median; yes/no: the majority); or "
             "constrained: greedy with design answers held to the prompt's form (SMILES with the formula's heavy "
             "atoms; the peptide's length); or constrained-checked: checked with every answer constrained."
         ),

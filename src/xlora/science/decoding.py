@@ -5,9 +5,12 @@ uses a generator, also draws `samples` answers at `temperature` and combines the
 
 - design prompts (molecule-design, peptide design): the first answer, greedy first, that meets the
   constraints *the prompt states* (a valid SMILES with the asked formula; the asked length and net
-  charge within 1), checked with RDKit / Biopython. The reference answer is never looked at, so this
-  is a generate-and-test a user can run on any prompt; it measures "can the model produce a valid
-  design within `samples + 1` tries", which is a different figure from greedy's and is reported as such.
+  charge within 1), checked with RDKit / Biopython. When no answer meets them all, the first that
+  meets the first of them (a valid molecule of another formula; a peptide of the asked length) is
+  kept: a chemist would rather have a real molecule than a broken string. Only when none does is the
+  greedy answer returned. The reference answer is never looked at, so this is a generate-and-test a
+  user can run on any prompt; it measures "can the model produce a valid design within `samples + 1`
+  tries", which is a different figure from greedy's and is reported as such.
 - numbers (gap, dipole, peptide charge, Cv, ZPVE): the median of each number over the answers that give it.
   Greedy returns the mode of the model's distribution; the median is what minimises absolute error.
 - antimicrobial and anticancer yes/no: the majority of the answers that give one (greedy breaks a tie).
@@ -52,39 +55,49 @@ def _numbers(word: str, answers: list[str]) -> list[float]:
     return [float(m.group(1)) for a in answers if (m := re.search(word + r"\s*" + _NUM, a))]
 
 
-def _design_check(task: str, item: Item) -> Callable[[str], bool] | None:
-    """The prompt's own constraint for a design prompt (None for other prompts)."""
+def _design_checks(task: str, item: Item) -> list[Callable[[str], bool]]:
+    """A design prompt's own constraints, all of them first, then the first alone ([] for other prompts)."""
     if task == "molecule-design":
         asked = re.search(r"formula\s+([A-Za-z0-9]+)", item.prompt)
         if asked is None:
-            return None
+            return []
+
+        def molecule(answer: str) -> str | None:  # the canonical SMILES of the answer, or None
+            smiles = answer.strip().split()[0] if answer.strip() else ""
+            return canonical(smiles) if smiles else None
 
         def molecule_ok(answer: str) -> bool:
-            smiles = answer.strip().split()[0] if answer.strip() else ""
-            can = canonical(smiles) if smiles else None
+            can = molecule(answer)
             return can is not None and formula_of(can) == asked.group(1)
 
-        return molecule_ok
+        return [molecule_ok, lambda answer: molecule(answer) is not None]
     if task == "peptides":
         asked = re.search(r"length\s+(\d+)\s+with net charge\s+([-+]?\d+)", item.prompt)
         if asked is None:
-            return None
+            return []
         length, charge = int(asked.group(1)), int(asked.group(2))
 
-        def peptide_ok(answer: str) -> bool:
+        def peptide(answer: str) -> str:  # the answer's letters when they are all amino acids, else ""
             seq = "".join(ch for ch in answer.strip().split()[0] if ch.isalpha()) if answer.strip() else ""
-            return bool(seq) and set(seq) <= AMINO and len(seq) == length and abs(net_charge(seq) - charge) <= 1.0
+            return seq if set(seq) <= AMINO else ""
 
-        return peptide_ok
-    return None
+        def peptide_ok(answer: str) -> bool:
+            seq = peptide(answer)
+            return len(seq) == length and abs(net_charge(seq) - charge) <= 1.0
+
+        return [peptide_ok, lambda answer: len(peptide(answer)) == length]
+    return []
 
 
 def combine(task: str, item: Item, answers: list[str]) -> str:
     """One answer from the greedy answer (`answers[0]`) and the sampled ones (module docstring)."""
     greedy = answers[0]
-    check = _design_check(task, item)
-    if check is not None:
-        return next((a for a in answers if check(a)), greedy)
+    checks = _design_checks(task, item)
+    for check in checks:  # all the prompt's constraints met; failing that, its first one
+        if (found := next((a for a in answers if check(a)), None)) is not None:
+            return found
+    if checks:
+        return greedy
     if task == "molecule-properties":
         gaps, dipoles = _numbers("gap", answers), _numbers("dipole", answers)
         if not gaps or not dipoles:
