@@ -154,3 +154,31 @@ def test_route_weight_errors_name_the_problem(train_setup, tmp_path):
     # the CLI: one line, no traceback
     r = cli(*gate_cli_args((base_dir, experts, unknown, ev), tmp_path / "c", "--steps", "1", "--route-weight", "1"))
     assert r.returncode != 0 and "not one of this model's experts" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_non_finite_loss_on_one_process_stops_every_process(train_setup, tmp_path):
+    """torchrun, 2 processes: only the process holding the one labelled row overflows; both stop at once
+    with the error (before, the other failed in the gradient all-reduce with a peer's lost connection, and
+    under NCCL could wait there until its timeout)."""
+    import os
+    import subprocess
+    import sys
+
+    from training_helpers import ROOT
+
+    base_dir, experts, _, ev = train_setup
+    # 1e38 is finite in float32: x 0 on the unlabelled process, it overflows only on the labelled one
+    rows = labelled_rows(["chem", "prot"])[:4]  # global batch 4 = 2 per process: every step splits them
+    for r in rows[1:]:
+        del r["expert"]
+    data = write_routed(tmp_path / "one-labelled.jsonl", rows)
+    args = gate_cli_args((base_dir, experts, data, ev), tmp_path / "g", "--steps", "2", "--route-weight", "1e38")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+         "-m", "xlora.cli", *args, "--batch-size", "2"],
+        capture_output=True, text=True, timeout=240, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert run.stderr.count("step 1: the training loss is not finite") == 2, run.stderr[-3000:]  # both processes
+    assert "(on another process)" in run.stderr
+    assert not (tmp_path / "g").exists()

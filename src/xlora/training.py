@@ -371,6 +371,8 @@ class Trainer:
         if reg is not None and reg.summed is not None and reg.norm is not None:
             denom = max(float(_all_sum(torch.tensor(float(sum(reg.norm(b) for b in micro)), device=self.device))), 1.0)
         ce_total = torch.zeros((), device=self.device)
+        bad = torch.zeros((), device=self.device)  # micro-batches whose loss is not finite, on this process
+        first_bad = 0.0
         for j, batch in enumerate(micro):
             sync = j == len(micro) - 1
             ctx = self.model.no_sync() if (self.world > 1 and not sync) else _null()
@@ -382,16 +384,21 @@ class Trainer:
                 if reg is not None and reg.summed is not None:
                     loss = loss + reg.summed(batch) / denom * self.world
                 if self.scaler is None and not torch.isfinite(loss.detach()).all():
-                    raise ValueError(
-                        f"step {self.step + 1}: the training loss is not finite ({float(loss.detach()):g}); a "
-                        "regulariser weight or the learning rate is too large, or the data overflow this precision. "
-                        "Nothing was saved from this step"
-                    )
+                    first_bad = float(loss.detach()) if not bad else first_bad
+                    bad += 1  # raised below, on every process at once: a raise here would leave the others
+                    # waiting in the gradient all-reduce of the last micro-batch
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:
                     loss.backward()
             ce_total += ce.detach()
+        if self.scaler is None and float(_all_sum(bad.clone())) > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            where = f"({first_bad:g})" if bad else "(on another process)"
+            raise ValueError(
+                f"step {self.step + 1}: the training loss is not finite {where}; a regulariser weight or the learning "
+                "rate is too large, or the data overflow this precision. Nothing was saved from this step"
+            )
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.args.max_grad_norm is not None:
