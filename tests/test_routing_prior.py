@@ -182,3 +182,59 @@ def test_a_non_finite_loss_on_one_process_stops_every_process(train_setup, tmp_p
     assert run.stderr.count("step 1: the training loss is not finite") == 2, run.stderr[-3000:]  # both processes
     assert "(on another process)" in run.stderr
     assert not (tmp_path / "g").exists()
+
+
+def test_route_only_reads_the_named_labels_as_if_the_others_were_unsaid(train_setup, tmp_path):
+    """route_only=["chem"] on data labelled chem / prot / base trains exactly the gate that the prior
+    trains on the same data with only the chem labels kept (same first-step gradient)."""
+    base_dir, experts, _, ev = train_setup
+    rows = labelled_rows(["chem", "prot"])[:8]
+    only_chem = [{k: v for k, v in r.items() if k != "expert" or v == "chem"} for r in rows]
+    assert {r.get("expert") for r in only_chem} == {"chem", None} and {r["expert"] for r in rows} > {"chem"}
+    grads: list[torch.Tensor] = []
+
+    def keep(optimizer, *_):
+        grads.append(torch.cat([p.grad.flatten() for g in optimizer.param_groups for p in g["params"]]).clone())
+
+    handle = register_optimizer_step_pre_hook(keep)
+    try:
+        for name, data, only in (("all", rows, None), ("only", rows, ["chem"]), ("chem", only_chem, None)):
+            path = write_routed(tmp_path / f"{name}.jsonl", data)
+            routed_gate(
+                (base_dir, experts, path, ev), tmp_path / name, max_steps=1, batch_size=8, route_weight=1.0,
+                route_only=only, max_grad_norm=None, save_every=1,
+            )  # fmt: skip
+    finally:
+        handle.remove()
+    torch.testing.assert_close(grads[1], grads[2], rtol=1e-5, atol=1e-8)  # the same prior ...
+    assert not torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)  # ... and not the all-labels one
+    run = json.loads((tmp_path / "only-run" / "run.json").read_text())
+    assert run["args"]["route_only"] == ["chem"]
+    assert "route_only" not in json.loads((tmp_path / "all-run" / "run.json").read_text())["args"]
+    with pytest.raises(RunError, match=r"changed: args.route_only: \['chem'\] -> \['prot'\] \("):  # another run
+        routed_gate(
+            (base_dir, experts, tmp_path / "only.jsonl", ev), tmp_path / "only", max_steps=1, batch_size=8,
+            route_weight=1.0, route_only=["prot"], resume=True, save_every=1, max_grad_norm=None,
+        )  # fmt: skip
+
+
+def test_route_only_errors(train_setup, tmp_path):
+    base_dir, experts, _, ev = train_setup
+    data = write_routed(tmp_path / "d.jsonl", labelled_rows(["chem", "prot"]))
+    setup = (base_dir, experts, data, ev)
+    with pytest.raises(ValueError, match=r"route_only: 'protein' is not one of this model's experts"):
+        routed_gate(setup, tmp_path / "a", max_steps=1, route_weight=1.0, route_only=["protein"])
+    with pytest.raises(ValueError, match=r"d.jsonl: no record's 'expert' is one of route_only \['cot'\]"):
+        routed_gate(setup, tmp_path / "b", max_steps=1, route_weight=1.0, route_only=["cot"])
+    # "base" labels under softmax are an error only when the prior reads them
+    routed_gate(setup, tmp_path / "c", softmax=True, max_steps=1, route_weight=1.0, route_only=["chem", "prot"])
+    for bad in ([], "chem", [""], [3]):
+        with pytest.raises(ValueError, match="TrainingArgs.route_only: expected None or a non-empty list"):
+            TrainingArgs(output_dir="x", route_weight=1.0, route_only=bad)
+    with pytest.raises(ValueError, match="route_only: names the labels a routing prior reads; set route_weight"):
+        TrainingArgs(output_dir="x", route_only=["chem"])
+    r = cli(*gate_cli_args(setup, tmp_path / "e", "--steps", "1", "--route-weight", "1", "--route-only", "chem,x"))
+    assert r.returncode != 0 and "route_only: 'x' is not one of" in r.stderr and "Traceback" not in r.stderr
+    r = cli(*gate_cli_args(setup, tmp_path / "f", "--steps", "1", "--route-weight", "1", "--route-only", "chem"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "f-run" / "run.json").read_text())["args"]["route_only"] == ["chem"]

@@ -140,6 +140,7 @@ def test_tiny_end_to_end(tmp_path):
         gate_general=3,
         gate_softmax=False,
         gate_route_weight=0.5,
+        gate_route_only=["molecule-properties", "base"],  # the prior reads these labels alone
     )
     torch.manual_seed(0)
     results = reproduce(cfg)
@@ -203,6 +204,7 @@ def test_tiny_end_to_end(tmp_path):
     gate_run_args = json.loads(gate_run.read_text())["args"]
     assert cfg.gate_precision == "bf16" and gate_run_args["precision"] == "bf16"
     assert gate_run_args["route_weight"] == 0.5  # the routing prior reached the gate's training
+    assert gate_run_args["route_only"] == ["base", "molecule-properties"]
     assert "| X-LoRA (trained gate) |" in (cfg.out / "results.md").read_text()
     # resumable: a second call reuses every stage
     assert json.dumps(reproduce(cfg), sort_keys=True) == json.dumps(results, sort_keys=True)  # NaN-safe
@@ -210,6 +212,8 @@ def test_tiny_end_to_end(tmp_path):
         reproduce(replace(cfg, gate_size=16))  # never silently reuse a gate of other settings
     with pytest.raises(ValueError, match=r"other settings \(gate_route_weight=0.5 there, 1.0 here\)"):
         reproduce(replace(cfg, gate_route_weight=1.0))  # ... nor one trained with another routing prior
+    with pytest.raises(ValueError, match=r"other settings \(gate_route_only=\['molecule-properties', 'base'\] there"):
+        reproduce(replace(cfg, gate_route_only=None))  # ... or one reading other labels
     manifest_text = (cfg.out / "manifest.json").read_text()
     (cfg.out / "manifest.json").unlink()  # as if killed during the evaluation: the gate's own record decides
     with pytest.raises(ValueError, match=r"other settings \(gate_route_weight=0.5 there, 1.0 here\)"):
@@ -411,3 +415,20 @@ def test_reproduce_cli_defaults_are_the_config_defaults():
         key = renamed.get(name, name)
         if key not in ("out", "work"):
             assert param.default == getattr(config, key), name
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"gate_route_weight": -1.0}, "gate_route_weight: expected a finite number >= 0"),
+        ({"gate_route_weight": 1.0, "gate_route_only": []}, "gate_route_only: expected None or a non-empty list"),
+        ({"gate_route_weight": 1.0, "gate_route_only": ["proteins"]}, "gate_route_only: expected None or a"),
+        ({"gate_route_weight": 1.0, "gate_route_only": "base"}, "gate_route_only: expected None or a"),
+        ({"gate_route_only": ["base"]}, "gate_route_only: names the labels a routing prior reads; set gate_route_w"),
+    ],
+)
+def test_reproduce_routing_options_are_checked(kw, message):
+    from xlora.science.pipeline import ReproduceConfig
+
+    with pytest.raises(ValueError, match=message):
+        ReproduceConfig(**kw)

@@ -32,7 +32,11 @@ def reproduce(
     ] = "bf16",
     gate_route_weight: Annotated[
         float, typer.Option(help="Routing prior: pull each gate example towards its task's expert alone (0: off).")
-    ] = 0.0,
+    ] = 0.1,
+    gate_route_only: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated tasks (and/or 'base') whose gate examples the routing prior reads."),
+    ] = None,
     gate_lr: float = 5e-3,
     gate_size: int = 256,
     gate_depth: int = 2,
@@ -61,6 +65,7 @@ def reproduce(
             gate_steps=gate_steps,
             gate_precision=gate_precision,
             gate_route_weight=gate_route_weight,
+            gate_route_only=[x.strip() for x in gate_route_only.split(",") if x.strip()] if gate_route_only else None,
             gate_lr=gate_lr,
             gate_size=gate_size,
             gate_depth=gate_depth,

@@ -130,6 +130,10 @@ def train_gate_cmd(
     route_weight: Annotated[
         float, typer.Option(help="+w * squared distance of scalings from each record's 'expert' (one-hot).")
     ] = 0.0,
+    route_only: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated labels the routing prior reads (expert names, 'base'); others unsaid."),
+    ] = None,
     epochs: float = 1.0,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
     lr: float = 1e-3,
@@ -159,6 +163,7 @@ def train_gate_cmd(
     try:
         options = {k: v for k, v in locals().items() if k in TRAIN_KEYS}
         options.update(entropy_weight=entropy_weight, balance_weight=balance_weight, route_weight=route_weight)
+        options["route_only"] = [x.strip() for x in route_only.split(",") if x.strip()] if route_only else None
         rank_id, model_base, tokenizer, train_ds, eval_ds, args = _prepare(
             base, device, data, eval, max_length, out, run_dir, options, dtype, quantize
         )

@@ -226,7 +226,8 @@ def load_dataset(path: str | Path, tokenizer, max_length: int = 512) -> Tokenize
 
 def collate(examples: list[Example], pad_id: int, routes: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids, attention_mask and labels `[B, T]`; with `routes` (name -> expert
-    index, "base" -> -1) also `route` `[B]`: each example's routing label, -2 where it has none."""
+    index, "base" -> -1) also `route` `[B]`: each example's routing label, -2 where it has none or
+    `routes` leaves its label out."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -238,5 +239,5 @@ def collate(examples: list[Example], pad_id: int, routes: dict[str, int] | None 
         mask[i, :n] = 1
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if routes is not None:
-        batch["route"] = torch.tensor([routes[e.route] if e.route is not None else -2 for e in examples])
+        batch["route"] = torch.tensor([routes.get(e.route, -2) if e.route is not None else -2 for e in examples])
     return batch

@@ -140,27 +140,33 @@ def train_expert(
     return records
 
 
-def route_indices(model: XLoraModel, dataset: TokenizedDataset) -> dict[str, int]:
-    """Routing label -> expert index ("base" -> -1, no expert) for the labels `dataset` uses; a label that
-    is no expert, no labels at all, or "base" under softmax scalings (they sum to 1, so "no expert" is out
-    of reach) is a ValueError naming the file and line."""
+def route_indices(model: XLoraModel, dataset: TokenizedDataset, only: list[str] | None = None) -> dict[str, int]:
+    """Routing label -> expert index ("base" -> -1, no expert) for the labels the prior reads (`only`, or
+    every one); a label that is no expert, none read at all, or "base" under softmax scalings (they sum
+    to 1, so "no expert" is out of reach) is a ValueError naming the file and line."""
     names = list(model.expert_names)
     if "base" in names:
         raise ValueError('an expert is named "base", which routing labels reserve for "no expert": rename it')
     known = {name: i for i, name in enumerate(names)} | {"base": -1}
+    for name in only or []:
+        if name not in known:
+            raise ValueError(f'route_only: {name!r} is not one of this model\'s experts {names} or "base"')
+    read = {k: v for k, v in known.items() if only is None or k in only}
     where = getattr(dataset, "source", None) or "training data"
     for i, ex in enumerate(dataset.examples):
         at = f"{where}:{dataset.example_lines[i]}" if getattr(dataset, "example_lines", None) else where
         if ex.route is not None and ex.route not in known:
             raise ValueError(f"{at}: 'expert' {ex.route!r} is not one of this model's experts {names} or \"base\"")
-        if ex.route == "base" and model.config.enable_softmax:
+        if ex.route == "base" and "base" in read and model.config.enable_softmax:
             raise ValueError(
                 f"{at}: 'expert' \"base\" (no expert) cannot be reached with softmax scalings, which sum to 1: "
                 "train the gate without softmax (--no-softmax) or label these records with an expert"
             )
     if all(ex.route is None for ex in dataset.examples):
         raise ValueError(f"{where}: route_weight > 0 needs records with an 'expert' field; none has one")
-    return known
+    if all(ex.route not in read for ex in dataset.examples):
+        raise ValueError(f"{where}: no record's 'expert' is one of route_only {sorted(read)}")
+    return read
 
 
 def gate_regulariser(model: XLoraModel, args: TrainingArgs, dataset: TokenizedDataset) -> Regulariser | None:
@@ -194,7 +200,7 @@ def gate_regulariser(model: XLoraModel, args: TrainingArgs, dataset: TokenizedDa
     plain = fn if (args.entropy_weight or args.balance_weight) else None
     if not args.route_weight:
         return Regulariser(plain)
-    return Regulariser(plain, summed, norm, route_indices(model, dataset))
+    return Regulariser(plain, summed, norm, route_indices(model, dataset, args.route_only))
 
 
 def routing_error(

@@ -70,6 +70,9 @@ class TrainingArgs:
     # gate only: + w * mean squared distance of each token's scalings from its record's "expert" (one-hot;
     # all zeros for "base"); records without one add nothing
     route_weight: float = 0.0
+    # gate only: the routing labels the prior reads (expert names and/or "base"); other labels count as
+    # unsaid. None: every label. Why: a prior on one task's records alone, leaving the gate free elsewhere
+    route_only: list[str] | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -85,10 +88,13 @@ class TrainingArgs:
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "> 0 or None"),
             (self.resume in (True, False, "auto"), "resume", "True, False or 'auto'"),
             (_is_weight(self.route_weight), "route_weight", "a finite number >= 0"),
+            (_is_names(self.route_only), "route_only", "None or a non-empty list of expert names and/or 'base'"),
         ]
         for ok, name, expected in checks:
             if not ok:
                 raise ValueError(f"TrainingArgs.{name}: expected {expected}, got {getattr(self, name)!r}")
+        if self.route_only is not None and not self.route_weight:
+            raise ValueError("TrainingArgs.route_only: names the labels a routing prior reads; set route_weight > 0")
 
     @property
     def run_path(self) -> Path:
@@ -100,7 +106,18 @@ class TrainingArgs:
         out = {k: v for k, v in asdict(self).items() if k not in volatile}
         if not out["route_weight"]:  # added in session 12: runs started before it (at 0) still resume
             del out["route_weight"]
+        if out["route_only"] is None:  # added in session 13, likewise
+            del out["route_only"]
+        else:
+            out["route_only"] = sorted(set(out["route_only"]))
         return out
+
+
+def _is_names(value: object) -> bool:
+    """None, or a non-empty list / tuple of non-empty strings."""
+    if value is None:
+        return True
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) and v for v in value)
 
 
 def _is_weight(value: object) -> bool:

@@ -213,6 +213,7 @@ def gate_args(cfg: ReproduceConfig, out: Path, run: str, steps: int):
     args = stage_args(cfg, out, run, steps, cfg.gate_lr)
     args.precision = cfg.gate_precision
     args.route_weight = cfg.gate_route_weight
+    args.route_only = cfg.gate_route_only
     return args
 
 
@@ -331,6 +332,8 @@ def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
         del settings["gate_general"]
     if not cfg.gate_route_weight:  # added in session 12: runs without a routing prior keep their folder
         del settings["gate_route_weight"]
+    if cfg.gate_route_only is None:  # added in session 13, likewise
+        del settings["gate_route_only"]
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     train_gate_stage(cfg, experts, cfg.out, f"gate-{cfg.out.name}-{tag}", stage_general(cfg))
     write_text_atomic(cfg.out / SETTINGS_FILE, json.dumps(run_settings(cfg), indent=1, default=str))

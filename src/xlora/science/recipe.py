@@ -51,8 +51,12 @@ class ReproduceConfig:
     gate_steps: int = 800
     gate_precision: str = "bf16"
     # session 12: the gate's routing prior (`TrainingArgs.route_weight`): each gate example's tokens are
-    # pulled towards its task's expert alone (general prompts: towards no expert); 0 = next-token loss only
-    gate_route_weight: float = 0.0
+    # pulled towards its task's expert alone (general prompts: towards no expert); 0 = next-token loss only.
+    # Session 13: 0.1 (README, "Routing prior"): against no prior, paired, gap MAE and retention clearly
+    # better, no task's generated metric clearly worse; 0.5 (session 12) cost the mixing gains on design
+    gate_route_weight: float = 0.1
+    # session 13: the tasks (and/or "base", the general prompts) whose labels the prior reads; None: all
+    gate_route_only: list[str] | None = None
     batch_size: int = 8  # the gate's
     rank: int = 8
     alpha: float = 16.0
@@ -115,6 +119,11 @@ class ReproduceConfig:
         w = self.gate_route_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
             raise ValueError(f"gate_route_weight: expected a finite number >= 0, got {w!r}")
+        only = self.gate_route_only
+        if only is not None and (not isinstance(only, list) or not only or not set(only) <= {*TASKS, "base"}):
+            raise ValueError(f"gate_route_only: expected None or a non-empty list of {TASKS} or 'base', got {only!r}")
+        if only is not None and not w:
+            raise ValueError("gate_route_only: names the labels a routing prior reads; set gate_route_weight > 0")
 
 
 MAX_STEP_FACTOR = 100
@@ -139,6 +148,7 @@ def config_from_manifest(config: dict) -> ReproduceConfig:
     values.setdefault("expert_precision", {})
     values.setdefault("gate_precision", "auto")  # gates before session 11 trained in fp32 on CPU
     values.setdefault("gate_route_weight", 0.0)  # ... and before session 12 without a routing prior
+    values.setdefault("gate_route_only", None)  # ... read by all the labels before session 13
     for key in ("out", "work"):
         if key in values:
             values[key] = Path(values[key])
