@@ -54,6 +54,8 @@ def test_peptides_vote_and_check_length_and_charge():
     assert combine("peptides", design, answers) == "KKLLKKLLKK"
     assert combine("peptides", design, ["KKLLKK", "EELLEELLEE", "EELLEELLE"]) == "EELLEELLEE"  # right length only
     assert combine("peptides", design, ["KKLLKK", "EEXBEELLEE"]) == "KKLLKK"  # none has the length: greedy
+    with pytest.raises(ValueError, match="combine: no answers"):
+        combine("peptides", design, [])
 
 
 @pytest.mark.parametrize(

@@ -424,7 +424,14 @@ def test_reproduce_cli_defaults_are_the_config_defaults():
         ({"gate_route_weight": 1.0, "gate_route_only": []}, "gate_route_only: expected None or a non-empty list"),
         ({"gate_route_weight": 1.0, "gate_route_only": ["proteins"]}, "gate_route_only: expected None or a"),
         ({"gate_route_weight": 1.0, "gate_route_only": "base"}, "gate_route_only: expected None or a"),
-        ({"gate_route_only": ["base"]}, "gate_route_only: names the labels a routing prior reads; set gate_route_w"),
+        (
+            {"gate_route_weight": 0.0, "gate_route_only": ["base"]},
+            "gate_route_only: names the labels a routing prior reads; set gate_route_w",
+        ),
+        ({"gate_route_weight": 1.0, "gate_route_only": [["base"]]}, "gate_route_only: expected None or a"),
+        ({"gate_route_only": ["base"], "gate_general": 0}, "'base' labels the general prompts, and gate_general is 0"),
+        ({"gate_softmax": True}, "gate_softmax: the routing prior pulls the general prompts towards no expert"),
+        ({"gate_softmax": True, "gate_route_only": ["base", "peptides"]}, "gate_softmax: the routing prior pulls"),
     ],
 )
 def test_reproduce_routing_options_are_checked(kw, message):
@@ -432,3 +439,13 @@ def test_reproduce_routing_options_are_checked(kw, message):
 
     with pytest.raises(ValueError, match=message):
         ReproduceConfig(**kw)
+
+
+def test_reproduce_routing_options_that_work_and_their_one_spelling():
+    from xlora.science.pipeline import ReproduceConfig
+
+    # softmax is fine when no "base" label is read: no prior, no general prompts, or a prior on tasks only
+    for kw in ({"gate_route_weight": 0.0}, {"gate_general": 0}, {"gate_route_only": ["peptides"]}):
+        ReproduceConfig(gate_softmax=True, **kw)
+    one = ReproduceConfig(gate_route_only=["peptides", "base", "peptides"]).gate_route_only
+    assert one == ReproduceConfig(gate_route_only=("base", "peptides")).gate_route_only == ["base", "peptides"]

@@ -62,6 +62,11 @@ def checkpoint_path(path: Path) -> Path:
     return path
 
 
+def comma_list(text: str | None) -> list[str] | None:
+    """ "a, b" -> ["a", "b"]; None (option not given) stays None, so an empty value is the caller's error."""
+    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
+
+
 def parse_experts(items: list[str]) -> list[tuple[str, Path]]:
     """`NAME=DIR` strings -> (name, path) pairs (duplicates are reported by the library)."""
     pairs = []

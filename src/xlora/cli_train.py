@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from .cli import SCALING_PASS_LAYERS, DtypeOption, QuantizeOption, _fail, app, parse_experts
+from .cli import SCALING_PASS_LAYERS, DtypeOption, QuantizeOption, _fail, app, comma_list, parse_experts
 
 if TYPE_CHECKING:
     pass
@@ -163,7 +163,7 @@ def train_gate_cmd(
     try:
         options = {k: v for k, v in locals().items() if k in TRAIN_KEYS}
         options.update(entropy_weight=entropy_weight, balance_weight=balance_weight, route_weight=route_weight)
-        options["route_only"] = [x.strip() for x in route_only.split(",") if x.strip()] if route_only else None
+        options["route_only"] = comma_list(route_only)
         rank_id, model_base, tokenizer, train_ds, eval_ds, args = _prepare(
             base, device, data, eval, max_length, out, run_dir, options, dtype, quantize
         )

@@ -83,14 +83,16 @@ def _design_checks(task: str, item: Item) -> list[Callable[[str], bool]]:
 
         def peptide_ok(answer: str) -> bool:
             seq = peptide(answer)
-            return len(seq) == length and abs(net_charge(seq) - charge) <= 1.0
+            return bool(seq) and len(seq) == length and abs(net_charge(seq) - charge) <= 1.0
 
-        return [peptide_ok, lambda answer: len(peptide(answer)) == length]
+        return [peptide_ok, lambda answer: bool(peptide(answer)) and len(peptide(answer)) == length]
     return []
 
 
 def combine(task: str, item: Item, answers: list[str]) -> str:
     """One answer from the greedy answer (`answers[0]`) and the sampled ones (module docstring)."""
+    if not answers:
+        raise ValueError("combine: no answers (the greedy answer comes first)")
     greedy = answers[0]
     checks = _design_checks(task, item)
     for check in checks:  # all the prompt's constraints met; failing that, its first one

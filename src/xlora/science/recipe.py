@@ -120,10 +120,27 @@ class ReproduceConfig:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
             raise ValueError(f"gate_route_weight: expected a finite number >= 0, got {w!r}")
         only = self.gate_route_only
-        if only is not None and (not isinstance(only, list) or not only or not set(only) <= {*TASKS, "base"}):
-            raise ValueError(f"gate_route_only: expected None or a non-empty list of {TASKS} or 'base', got {only!r}")
-        if only is not None and not w:
-            raise ValueError("gate_route_only: names the labels a routing prior reads; set gate_route_weight > 0")
+        if only is not None:
+            names = {*TASKS, "base"}
+            if (
+                not isinstance(only, (list, tuple))
+                or not only
+                or not all(isinstance(x, str) and x in names for x in only)
+            ):
+                raise ValueError(
+                    f"gate_route_only: expected None or a non-empty list of {TASKS} or 'base', got {only!r}"
+                )
+            self.gate_route_only = only = sorted(set(only))  # one spelling per choice (run folder, settings)
+            if not w:
+                raise ValueError("gate_route_only: names the labels a routing prior reads; set gate_route_weight > 0")
+            if "base" in only and not self.gate_general:
+                raise ValueError("gate_route_only: 'base' labels the general prompts, and gate_general is 0")
+        if w and self.gate_general and self.gate_softmax and (only is None or "base" in only):
+            raise ValueError(
+                "gate_softmax: the routing prior pulls the general prompts towards no expert ('base'), which "
+                "softmax scalings (they sum to 1) cannot reach: use --no-gate-softmax, --gate-route-weight 0, "
+                "or --gate-route-only without base"
+            )
 
 
 MAX_STEP_FACTOR = 100
