@@ -212,7 +212,7 @@ def test_tiny_end_to_end(tmp_path):
         reproduce(replace(cfg, gate_size=16))  # never silently reuse a gate of other settings
     with pytest.raises(ValueError, match=r"other settings \(gate_route_weight=0.5 there, 1.0 here\)"):
         reproduce(replace(cfg, gate_route_weight=1.0))  # ... nor one trained with another routing prior
-    with pytest.raises(ValueError, match=r"other settings \(gate_route_only=\['molecule-properties', 'base'\] there"):
+    with pytest.raises(ValueError, match=r"other settings \(gate_route_only=\['base', 'molecule-properties'\] there"):
         reproduce(replace(cfg, gate_route_only=None))  # ... or one reading other labels
     manifest_text = (cfg.out / "manifest.json").read_text()
     (cfg.out / "manifest.json").unlink()  # as if killed during the evaluation: the gate's own record decides
