@@ -55,6 +55,12 @@ def make_experts(base_dir: Path, root: Path, n: int = 8, rank: int = 16) -> dict
     return out
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so a wall-clock time covers it (no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def paired_times(
     fns: dict[str, Callable[[], object]], reference: str, runs: int = 5, warmup: int = 1
 ) -> dict[str, tuple[float, float, float, float]]:
@@ -71,8 +77,10 @@ def paired_times(
     for r in range(runs):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
+            sync()
             t0 = time.perf_counter()
             fns[name]()
+            sync()
             times[name].append(time.perf_counter() - t0)
     ref = times[reference]
     out = {}
@@ -88,7 +96,9 @@ def median_time(fn: Callable[[], object], runs: int = 5, warmup: int = 1) -> flo
         fn()
     times = []
     for _ in range(runs):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)

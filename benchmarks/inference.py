@@ -10,6 +10,7 @@ depth-2 layerwise classifier, fp32, 2 threads; every workload and the base run i
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +27,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (times then include a GPU synchronise)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the table's figures here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -34,8 +37,9 @@ def main() -> None:
     experts = make_experts(base_dir, root)
     cfg = XLoraConfig(xlora_depth=2, layerwise_scalings=True)
 
-    base = load(base_dir)
-    ours = XLoraModel.from_experts(load(base_dir), experts, cfg)
+    dev = torch.device(args.device)
+    base = load(base_dir).to(dev)
+    ours = XLoraModel.from_experts(load(base_dir), experts, cfg).to(dev)
 
     from peft import XLoraConfig as PeftXLoraConfig
     from peft import get_peft_model
@@ -47,12 +51,12 @@ def main() -> None:
         layerwise_scalings=True,
         adapters={str(i): str(p) for i, p in enumerate(experts.values())},
     )
-    peft_model = get_peft_model(load(base_dir), peft_cfg).eval()
+    peft_model = get_peft_model(load(base_dir), peft_cfg).eval().to(dev)
     ours.classifier.load_state_dict(peft_model.base_model.internal_xlora_classifier.state_dict())
 
     g = torch.Generator().manual_seed(0)
-    long_ids = torch.randint(3, 32000, (1, 256), generator=g)
-    prompt = torch.randint(3, 32000, (1, 32), generator=g)
+    long_ids = torch.randint(3, 32000, (1, 256), generator=g).to(dev)
+    prompt = torch.randint(3, 32000, (1, 32), generator=g).to(dev)
 
     def gen_base(n):
         return base.generate(
@@ -137,6 +141,26 @@ def main() -> None:
         )
         ratio_cell = f"{ratio:.2f} [{lo:.2f}, {hi:.2f}]"
         print(f"| {name} | {tb * 1e3:.0f} | {to * 1e3:.0f} | {peft} | {ratio_cell} | {peft_base} | {peft_ours} |")
+    if args.json is not None:
+        figures = {
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else f"cpu, {args.threads} threads",
+            "runs": args.runs,
+            "greedy_equal_peft": same,
+            "rows": [
+                {
+                    "workload": name,
+                    "base_s": tb,
+                    "ours_s": to,
+                    "ratio": ratio,
+                    "ratio_min": lo,
+                    "ratio_max": hi,
+                    "peft_s": tp,
+                }
+                for name, (tb, *_), (to, ratio, lo, hi), tp in rows
+            ],
+        }
+        args.json.write_text(json.dumps(figures, indent=1))
     t_ours_prefill = prefill["ours"][0]
     per_tok_64 = (greedy["ours"][0] - t_ours_prefill * 32 / 256) / 64
     per_tok_256 = (long["ours"][0] - t_ours_prefill * 32 / 256) / 256

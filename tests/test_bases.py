@@ -65,6 +65,28 @@ def test_one_hot_mixture_equals_peft_lora_on_the_same_base(tiny, name):
     torch.testing.assert_close(got, expected, atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["int8", "nf4", "nf4-bf16", "int8-bf16"])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_loss_in_grad_mode_on_a_quantized_base_equals_peft_lora(tiny, name, trainable):
+    """A loss with autograd on (what a user computing a loss does, no `no_grad`): quantized layers
+    return views made inside their autograd Function, which must not be modified in place."""
+    base_dir, experts = tiny
+    dtype, quant, tol = PRECISIONS[name]
+    peft_model = PeftModel.from_pretrained(load_base(base_dir, dtype=dtype, quantization=quant)[0], experts["prot"])
+    expected = peft_model.eval()(input_ids=IDS, labels=IDS).loss.float()
+    cfg = XLoraConfig(use_trainable_adapters=trainable)
+    model = XLoraModel.from_experts(load_base(base_dir, dtype=dtype, quantization=quant)[0], experts, cfg)
+    with model.static_scalings([0.0, 1.0, 0.0]):
+        loss = model(input_ids=IDS, labels=IDS).loss
+    assert loss.requires_grad == trainable
+    # a mean over the vocabulary's log-probabilities: bitsandbytes' grad-mode kernels differ by a few ulp
+    torch.testing.assert_close(loss.float(), expected, atol=max(tol, 1e-4), rtol=0)
+    out = model(input_ids=IDS, labels=IDS)  # the gate's scalings: a gradient reaches the classifier
+    out.loss.backward()
+    assert model.classifier.layers[0].weight.grad is not None
+    assert torch.isfinite(model.classifier.layers[0].weight.grad).all()
+
+
 def test_classifier_in_compute_dtype_on_request(tiny):
     base_dir, experts = tiny
     base = load_base(base_dir, dtype="bfloat16")[0]

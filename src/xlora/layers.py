@@ -57,6 +57,8 @@ class XLoraLinear(nn.Module):
         self.register_buffer("row_expert", stacked.row_expert, persistent=False)  # [R]
         self.register_buffer("row_scale", stacked.row_scale, persistent=False)  # [R]
         self.state = state
+        # only a plain Linear / GPT-2 Conv1D is known to return a fresh tensor safe to add into
+        self._fresh_output = type(base_layer) is nn.Linear or type(base_layer).__name__ == "Conv1D"
 
     @property
     def rank(self) -> int:
@@ -75,8 +77,13 @@ class XLoraLinear(nn.Module):
         if c.dim() == 3 and x.dim() == 3 and c.shape[1] != x.shape[1]:
             # an adapted lm_head under `logits_to_keep=k` sees only the last k positions
             c = c[:, -x.shape[1] :]  # [B, k, R]
-        # in place: nothing saved for backward refers to `y` (Linear keeps its input and weight)
-        return y.add_(self._delta(x, c).to(y.dtype))
+        delta = self._delta(x, c).to(y.dtype)
+        if self._fresh_output:
+            # in place: nothing saved for backward refers to `y` (Linear keeps its input and weight)
+            return y.add_(delta)
+        # quantized layers (bitsandbytes) may return a view made inside their autograd Function,
+        # which autograd refuses to modify in place in grad mode: add out of place
+        return y + delta
 
     def _delta(self, x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         h = F.linear(x.to(self.lora_A.dtype), self.lora_A) * coef.to(self.lora_A.dtype)  # [B, T, R]
