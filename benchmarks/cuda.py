@@ -114,7 +114,6 @@ def precision_row(base_dir: Path, dtype: str, quant: str | None, new: int, runs:
     row["ours_b8_tok_s"] = 8 * new / timed(lambda: ours(batch), runs)
     row["ours_reuse4_merged_b1_tok_s"] = new / timed(lambda: ours(prompt, reuse_scalings_after=4), runs)
     row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    del model, base
     return row
 
 
