@@ -66,7 +66,7 @@ def worker(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
     from xlora import XLoraModel
-    from xlora.base_models import load_base
+    from xlora.bases.loading import load_base
     from xlora.cli import checkpoint_path
 
     torch.set_num_threads(args.threads)
@@ -76,7 +76,7 @@ def worker(args: argparse.Namespace) -> None:
     model = XLoraModel.from_pretrained(base, checkpoint_path(Path(args.checkpoint)))
     report: dict = {"precision": args.worker, "base_weight_mb": weight_bytes / 2**20, "losses": {}}
     if args.data:
-        from xlora.science.evaluate import eval_loss
+        from xlora.science.eval.evaluate import eval_loss
 
         for path in sorted(Path(args.data).glob("*-eval-chat.jsonl")):
             report["losses"][path.name.removesuffix("-eval-chat.jsonl")] = eval_loss(model, tok, path)

@@ -4,7 +4,7 @@ experts in bf16 (`ReproduceConfig.expert_precision`).
     python benchmarks/expert_precision.py --data xlora-reproduce/data/molecule-properties-train.jsonl
 
 The embedded SmolLM2-135M with a fresh rank-8 PEFT LoRA on q,v,o,gate (the experts' shape), one
-batch of the file's first `--batch` examples, AdamW, through `xlora.training.autocast_dtype` as the
+batch of the file's first `--batch` examples, AdamW, through `xlora.train.loop.autocast_dtype` as the
 trainer uses it. Each precision runs `--steps` steps after one warm-up step; prints the median seconds
 per step and the speed-up. On a CPU without AMX / AVX512-BF16 bf16 autocast is usually slower.
 """
@@ -30,9 +30,9 @@ def main() -> None:
 
     from peft import LoraConfig, get_peft_model
 
-    from xlora.base_models import load_base
-    from xlora.data import collate, load_dataset
-    from xlora.training import autocast_dtype
+    from xlora.bases.loading import load_base
+    from xlora.train.data import collate, load_dataset
+    from xlora.train.loop import autocast_dtype
 
     base, tok = load_base("default")
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj"])

@@ -64,7 +64,7 @@ def main() -> None:
         )
 
     def gen_ours(n, reuse=None, merge=True):
-        from xlora.generation import SamplingOptions, iter_generate
+        from xlora.core.generation import SamplingOptions, iter_generate
 
         opts = SamplingOptions(max_new_tokens=n, eos_token_id=[])
         return [s.tokens for s in iter_generate(ours, prompt, None, opts, reuse_scalings_after=reuse, merge=merge)]

@@ -31,7 +31,7 @@ REUSE = 4
 
 
 def ours(model, ids, reuse=None, merge=True, disabled=False):
-    from xlora.generation import SamplingOptions, iter_generate
+    from xlora.core.generation import SamplingOptions, iter_generate
 
     opts = SamplingOptions(max_new_tokens=NEW, eos_token_id=[])
     with model.disable_experts() if disabled else ExitStack():
@@ -56,7 +56,7 @@ def item_losses(model, tok, path: Path, reuse: int | None = None, limit: int | N
     """Per item of a chat JSONL: (sum of the answer tokens' cross-entropy, their number), float64 `[n]`."""
     import torch.nn.functional as F
 
-    from xlora.data import collate, load_dataset
+    from xlora.train.data import collate, load_dataset
 
     ds = load_dataset(path, tok, 128)
     n = len(ds) if limit is None else min(limit, len(ds))
@@ -103,7 +103,7 @@ def mistralrs_copy(out: Path) -> Path:
 
     from safetensors.torch import load_file, save_file
 
-    from xlora.base_models import default_base_dir
+    from xlora.bases.loading import default_base_dir
 
     src = default_base_dir()
     if (out / "model.safetensors").is_file():
@@ -165,7 +165,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     from xlora import XLoraModel
-    from xlora.base_models import load_base
+    from xlora.bases.loading import load_base
     from xlora.cli import checkpoint_path
 
     rows = []
@@ -195,7 +195,7 @@ def main() -> None:
             rows.append((dtype, name, rate, loss))
         plain = model.unload()
         if a.early_gate:
-            # a gate folder of experiments/early-gates holds no experts: it was trained on the checkpoint's
+            # a gate folder of docs/data/early-gates holds no experts: it was trained on the checkpoint's
             ckpt = checkpoint_path(Path(a.checkpoint))
             experts = None if any(a.early_gate.glob("*/adapter_config.json")) else expert_dirs(ckpt)
             early = XLoraModel.from_pretrained(plain, a.early_gate, adapters=experts)

@@ -12,6 +12,8 @@ script measures, on the generated (not loss-only) test items:
   `anticancer-test-novel.jsonl` next to the test file, to score models on with `xlora eval`.
 
     python experiments/acp_baselines.py --data xlora-reproduce/data
+
+Backs the figures quoted in docs/science/analyses.md.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import argparse
 import json
 from pathlib import Path
 
-from xlora.science.datasets import load_amps
-from xlora.science.evaluate import read_items
-from xlora.science.stats import bootstrap_mean
+from xlora.science.eval.evaluate import read_items
+from xlora.science.eval.stats import bootstrap_mean
 from xlora.science.tasks import net_charge
+from xlora.science.tasks.datasets import load_amps
 
 
 def edit_distance(a: str, b: str, cap: int = 99) -> int:

@@ -6,6 +6,8 @@ bootstrap interval) and checkpoint A minus checkpoint B is given as a paired dif
 
     python experiments/compare_checkpoints.py --a models/xlora-science --b shipped \\
         --test-dir xlora-reproduce/data [--retention] [--decoding greedy] [--batch-size 32]
+
+Backs the figures quoted in docs/science/analyses.md and docs/science/retention.md.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from pathlib import Path
 import torch
 
 from xlora import XLoraModel
-from xlora.base_models import load_base
+from xlora.bases.loading import load_base
 from xlora.cli import checkpoint_path
-from xlora.science.decoding import DecodeOptions
-from xlora.science.evaluate import read_items
-from xlora.science.recipe import MAX_NEW_TOKENS
-from xlora.science.retention import RETENTION, retention_items
-from xlora.science.scorecard import EvalOptions, paired_rows, score_model
+from xlora.science.eval.decoding import DecodeOptions
+from xlora.science.eval.evaluate import read_items
+from xlora.science.eval.scorecard import EvalOptions, paired_rows, score_model
+from xlora.science.recipe.config import MAX_NEW_TOKENS
 from xlora.science.tasks import TASKS
+from xlora.science.tasks.retention import RETENTION, retention_items
 
 
 def training_smiles(path: Path) -> set[str] | None:

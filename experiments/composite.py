@@ -10,6 +10,8 @@ examples (same experts, same recipe, one pass over the larger set), paired again
 Molecules come from QM9 rows no expert, gate or held-out/test set used (the checkpoint's manifest,
 plus `--test-ids` from `xlora make-test-sets`). Also prints the routing along one X-LoRA answer:
 per generated token, the mean scaling of each expert over the adapted modules.
+
+Backs the figures quoted in docs/science/composite.md.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from pathlib import Path
 import torch
 
 from xlora import XLoraModel
-from xlora.base_models import load_base
+from xlora.bases.loading import load_base
 from xlora.cli import checkpoint_path
-from xlora.generation import SamplingOptions, iter_generate
-from xlora.science.composite import COMPOSITE, composite_items
-from xlora.science.datasets import load_qm9
-from xlora.science.extra_gate import train_gate_plus
-from xlora.science.scorecard import EvalOptions, evaluate_checkpoint, paired_rows, parse_models, scorecard_table
-from xlora.science.testsets import manifest_ids, used_ids
+from xlora.core.generation import SamplingOptions, iter_generate
+from xlora.science.eval.scorecard import EvalOptions, evaluate_checkpoint, paired_rows, parse_models, scorecard_table
+from xlora.science.eval.testsets import manifest_ids, used_ids
+from xlora.science.recipe.extra_gate import train_gate_plus
+from xlora.science.tasks.composite import COMPOSITE, composite_items
+from xlora.science.tasks.datasets import load_qm9
 
 
 def routing_along(model, tok, prompt: str, max_new_tokens: int = 32) -> list[str]:

@@ -4,6 +4,8 @@ on the embedded SmolLM2, every Linear or all but down_proj (and lm_head): plain-
 answer loss on the first 24 items of the properties and peptides test sets (chat files).
 
     python experiments/dynamic_int8.py --data DIR_WITH_TASK-eval-chat.jsonl
+
+Backs the figures quoted in docs/guide/bases.md.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 
 from xlora import XLoraModel, shipped_checkpoint
-from xlora.base_models import load_base
+from xlora.bases.loading import load_base
 
 VARIANTS = {
     "fp32": None,

@@ -9,6 +9,8 @@ layers, trained with the shipped gate's recipe on the shipped experts and the sa
 the held-out loss of each gate and its paired difference from the full gate (the shipped checkpoint,
 trained by the same function with the same settings) with a 95 % bootstrap interval, and the
 relative difference the issue asks to stay within 2 %.
+
+Backs the figures quoted in docs/guide/fast-paths.md.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from pathlib import Path
 import torch
 
 from xlora import XLoraModel, shipped_checkpoint
-from xlora.base_models import load_base
-from xlora.science.pipeline import ReproduceConfig, gate_config, stage_args
+from xlora.bases.loading import load_base
+from xlora.science.recipe.pipeline import ReproduceConfig, gate_config, stage_args
 from xlora.science.tasks import TASKS
 
 
@@ -31,7 +33,7 @@ def gate_dir(work: Path, k: int, norm: bool) -> Path:
 
 
 def shipped_tasks() -> list[str]:
-    """The shipped checkpoint's experts, in its order (three before session 8, five since)."""
+    """The shipped checkpoint's experts, in its order (three before v0.8, five since)."""
     import json
 
     return [t for t in json.loads((shipped_checkpoint() / "xlora_config.json").read_text())["adapters"] if t in TASKS]
@@ -39,8 +41,8 @@ def shipped_tasks() -> list[str]:
 
 def train(work: Path, k: int, norm: bool) -> Path:
     """One gate with the reproduce recipe, its scaling pass cut after decoder layer k."""
-    from xlora.data import load_dataset
     from xlora.train import train_gate
+    from xlora.train.data import load_dataset
 
     out = gate_dir(work, k, norm)
     if (out / "xlora_config.json").is_file():

@@ -7,6 +7,8 @@ formula >= 0.5, AMP accuracy >= 0.85, peptide design satisfied >= 0.5).
 
 `--experts` defaults to `<work>/experts`; the test sets are the work folder's `{task}-test.jsonl`
 (disjoint from everything the experts and the gate saw).
+
+Backs the figures quoted in docs/science/analyses.md.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from pathlib import Path
 import torch
 
 from xlora import XLoraModel
-from xlora.base_models import load_base
-from xlora.science.decoding import DecodeOptions
-from xlora.science.evaluate import read_items
-from xlora.science.recipe import MAX_NEW_TOKENS
-from xlora.science.scorecard import EvalOptions, score_model
-from xlora.science.stats import bootstrap_mean
+from xlora.bases.loading import load_base
+from xlora.science.eval.decoding import DecodeOptions
+from xlora.science.eval.evaluate import read_items
+from xlora.science.eval.scorecard import EvalOptions, score_model
+from xlora.science.eval.stats import bootstrap_mean
+from xlora.science.recipe.config import MAX_NEW_TOKENS
 from xlora.science.tasks import TASKS, mean_baseline
 
 

@@ -6,6 +6,8 @@ per-domain losses and routing mass: the cheap loop behind the README's gate inve
 Without options it trains the earlier shipped gate (softmax, width 64, lr 2e-3, 240 steps, no fresh
 data), the baseline each option is compared with. Needs a finished `xlora reproduce --work DIR` (data and
 experts). Results are appended to DIR/probes/results.jsonl; the probe's gate goes to DIR/probes/NAME.
+
+Backs the figures quoted in docs/science/gate-investigation.md.
 """
 
 from __future__ import annotations
@@ -17,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-from xlora.base_models import load_base
-from xlora.data import collate, load_dataset
-from xlora.model import XLoraModel
-from xlora.science.pipeline import (
+from xlora.bases.loading import load_base
+from xlora.core.model import XLoraModel
+from xlora.science.recipe.pipeline import (
     ReproduceConfig,
     build_items,
     chat_record,
@@ -29,7 +30,8 @@ from xlora.science.pipeline import (
     write_jsonl,
 )
 from xlora.science.tasks import TASKS
-from xlora.training import token_ce_sum
+from xlora.train.data import collate, load_dataset
+from xlora.train.loop import token_ce_sum
 
 
 @torch.no_grad()

@@ -1,11 +1,11 @@
 """Retention, the fix tried: a gate that also sees general prompts answered by the base itself.
 
-(Session 8, run on the five-expert checkpoint whose gate saw science prompts only; since session 9
+(v0.8, run on the five-expert checkpoint whose gate saw science prompts only; since v0.9
 `xlora reproduce` puts these prompts into the gate data itself, `--gate-general`.)
 
 The shipped gate trains on science prompts only and keeps none of the base's arithmetic (README,
 "Knowledge retention"). Here a gate with the same recipe and step budget trains on the run's gate data
-plus `--n` everyday word/knowledge prompts (`xlora.science.general`) whose targets are the base
+plus `--n` everyday word/knowledge prompts (`xlora.science.tasks.general`) whose targets are the base
 model's own greedy answers, so it can learn to leave a general question to the base. Scored against
 the shipped gate, paired on the same items (95 % bootstrap intervals):
 
@@ -17,6 +17,8 @@ the shipped gate, paired on the same items (95 % bootstrap intervals):
 
     python experiments/general_gate.py --work xlora-reproduce --checkpoint models/xlora-science \\
         --test-dir xlora-reproduce/data [--n 320] [--steps 240]
+
+Backs the figures quoted in docs/science/retention.md.
 """
 
 from __future__ import annotations
@@ -28,16 +30,16 @@ from pathlib import Path
 import torch
 
 from xlora import XLoraModel
-from xlora.base_models import load_base
+from xlora.bases.loading import load_base
 from xlora.cli import checkpoint_path
-from xlora.science.evaluate import generate_answers, read_items
-from xlora.science.extra_gate import train_gate_plus
-from xlora.science.general import agreement, base_answered, general_prompts
-from xlora.science.recipe import MAX_NEW_TOKENS, ReproduceConfig
-from xlora.science.retention import RETENTION, retention_items
-from xlora.science.scorecard import EvalOptions, paired_rows, score_model
-from xlora.science.stats import bootstrap_mean, paired_difference
+from xlora.science.eval.evaluate import generate_answers, read_items
+from xlora.science.eval.scorecard import EvalOptions, paired_rows, score_model
+from xlora.science.eval.stats import bootstrap_mean, paired_difference
+from xlora.science.recipe.config import MAX_NEW_TOKENS, ReproduceConfig
+from xlora.science.recipe.extra_gate import train_gate_plus
 from xlora.science.tasks import TASKS, Item
+from xlora.science.tasks.general import agreement, base_answered, general_prompts
+from xlora.science.tasks.retention import RETENTION, retention_items
 
 
 def base_answers(model, tok, prompts: list[str], cache: Path) -> list[str]:

@@ -6,6 +6,8 @@ each as a paired difference from fp32 over the same held-out items, with a 95 % 
 
 If the oracle routing recovers the fp32 loss, the quantized scaling pass misleads the gate (retrain
 it on that base); if not, the loss comes from the quantized base itself and routing is not the issue.
+
+Backs the figures quoted in docs/guide/bases.md.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from pathlib import Path
 import torch
 
 from xlora import XLoraModel
-from xlora.base_models import load_base
+from xlora.bases.loading import load_base
 from xlora.cli import checkpoint_path
-from xlora.data import collate, load_dataset
-from xlora.training import token_ce_sum
+from xlora.train.data import collate, load_dataset
+from xlora.train.loop import token_ce_sum
 
 BASES = {"bf16": ("bfloat16", None), "int8": ("float32", "int8"), "nf4": ("float32", "nf4")}
 

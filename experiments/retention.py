@@ -3,6 +3,8 @@ unit-conversion questions (checkable integer answers), with 95 % bootstrap inter
 model on the items the base answers right (what the mixture keeps of what the base knew).
 
     python experiments/retention.py [--checkpoint shipped] [--n 200] [--seed 0]
+
+Backs the figures quoted in docs/science/retention.md.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from pathlib import Path
 import torch
 
 from xlora import XLoraModel
-from xlora.base_models import load_base
+from xlora.bases.loading import load_base
 from xlora.cli import checkpoint_path
-from xlora.science.retention import RETENTION, retention_items
-from xlora.science.scorecard import EvalOptions, evaluate_checkpoint, parse_models, scorecard_table
-from xlora.science.stats import bootstrap_mean
+from xlora.science.eval.scorecard import EvalOptions, evaluate_checkpoint, parse_models, scorecard_table
+from xlora.science.eval.stats import bootstrap_mean
+from xlora.science.tasks.retention import RETENTION, retention_items
 
 
 def main() -> None:

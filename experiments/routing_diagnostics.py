@@ -4,6 +4,8 @@ domain's expert forced on parts of the sequence (oracle, evaluation only), and o
 expert at other scales.
 
     python experiments/routing_diagnostics.py --work xlora-reproduce  # checkpoint: the shipped one
+
+Backs the figures quoted in docs/science/gate-investigation.md.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from xlora.base_models import load_base
-from xlora.data import collate, load_dataset
-from xlora.model import XLoraModel
-from xlora.science.evaluate import eval_loss
+from xlora.bases.loading import load_base
+from xlora.core.model import XLoraModel
+from xlora.science.eval.evaluate import eval_loss
 from xlora.science.tasks import TASKS
-from xlora.training import token_ce_sum
+from xlora.train.data import collate, load_dataset
+from xlora.train.loop import token_ce_sum
 
 Where = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (labels, positions, prefix) -> [B, T] bool
 

@@ -4,6 +4,8 @@ probe a peptide expert's antimicrobial yes/no: the logit of " yes" minus " no" r
 "antimicrobial:" on the test set's classification items, as accuracy and ROC AUC.
 
     python experiments/second_pass.py --work <reproduce work folder> --task peptides --out DIR
+
+Backs the figures quoted in docs/science/analyses.md.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from xlora.base_models import load_base
-from xlora.data import load_dataset
-from xlora.science.evaluate import read_items
-from xlora.science.pipeline import ReproduceConfig
-from xlora.training import Trainer, TrainingArgs
+from xlora.bases.loading import load_base
+from xlora.science.eval.evaluate import read_items
+from xlora.science.recipe.pipeline import ReproduceConfig
+from xlora.train.data import load_dataset
+from xlora.train.loop import Trainer, TrainingArgs
 
 
 def continue_training(base, tok, expert: Path, data: Path, out: Path, cfg: ReproduceConfig) -> Path:

@@ -4,6 +4,8 @@ recipe with the residues space-separated (one token each) and scores it on the t
 designs read back without the spaces. The README's "Results of the shipped run" reports it.
 
     python experiments/spaced_peptides.py --work <reproduce work folder> --out /tmp/spaced [--threads 2]
+
+Backs the figures quoted in docs/science/analyses.md.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from pathlib import Path
 import torch
 
 from xlora import XLoraModel
-from xlora.base_models import load_base
-from xlora.data import load_dataset
-from xlora.science.evaluate import generate_answers, read_items
-from xlora.science.pipeline import ReproduceConfig
-from xlora.science.stats import bootstrap_mean
+from xlora.bases.loading import load_base
+from xlora.science.eval.evaluate import generate_answers, read_items
+from xlora.science.eval.stats import bootstrap_mean
+from xlora.science.recipe.pipeline import ReproduceConfig
 from xlora.science.tasks import outcomes
 from xlora.train import LoraOptions, train_expert
-from xlora.training import TrainingArgs
+from xlora.train.data import load_dataset
+from xlora.train.loop import TrainingArgs
 
 _CLASSIFY = re.compile(r"Peptide ([A-Z]+)\. (.*)")
 

@@ -12,9 +12,9 @@ from helpers import load_base
 from transformers import AutoTokenizer
 
 from xlora import XLoraConfig, XLoraModel
-from xlora.data import load_dataset
 from xlora.train import train_gate
-from xlora.training import TrainingArgs
+from xlora.train.data import load_dataset
+from xlora.train.loop import TrainingArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 

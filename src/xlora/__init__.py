@@ -1,16 +1,17 @@
 """X-LoRA: a mixture of LoRA experts with a learned per-token, per-layer router."""
 
-from .base_models import load_base, load_default_base
-from .classifier import XLoraClassifier
-from .compat import add_xlora_to_model, from_pretrained, xLoRAConfig
-from .config import XLoraConfig, XLoraConfigError
-from .experts import ExpertError
-from .generation import GenerationStep, SamplingOptions, generate, iter_generate
-from .io import CheckpointError
-from .layers import XLoraLinear
-from .model import XLoraModel
-from .scalings_log import load_scalings_log
-from .science import shipped_checkpoint
+from xlora.bases.loading import load_base, load_default_base
+from xlora.core.classifier import XLoraClassifier
+from xlora.core.config import XLoraConfig, XLoraConfigError
+from xlora.core.experts import ExpertError
+from xlora.core.generation import GenerationStep, SamplingOptions, generate, iter_generate
+from xlora.core.layers import XLoraLinear
+from xlora.core.model import XLoraModel
+from xlora.core.scalings_log import load_scalings_log
+from xlora.formats import checkpoint as _checkpoint  # noqa: F401 - gives XLoraModel its from/save_pretrained
+from xlora.formats.native import CheckpointError
+from xlora.formats.original import add_xlora_to_model, from_pretrained, xLoRAConfig
+from xlora.science import shipped_checkpoint
 
 __all__ = [
     "CheckpointError",
@@ -32,4 +33,4 @@ __all__ = [
     "shipped_checkpoint",
     "xLoRAConfig",
 ]
-__version__ = "0.1.0"
+__version__ = "0.14.0"

@@ -168,8 +168,8 @@ def _masked(model, keep: list[str] | None):
 
 
 def _say(model, tok, prompt: str, keep: list[str] | None, max_new_tokens: int) -> str:
-    from .evaluate import generate_answers
-    from .tasks import Item
+    from xlora.science.eval.evaluate import generate_answers
+    from xlora.science.tasks import Item
 
     with _masked(model, keep):
         return generate_answers(model, tok, [Item("agents", prompt, "", {})], max_new_tokens, batch_size=1)[0]

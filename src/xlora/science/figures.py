@@ -83,10 +83,10 @@ def routing_for(model, tok, prompt: str, max_new_tokens: int) -> tuple[torch.Ten
 
 def write_figures(checkpoint: Path, data_dir: Path, out_dir: Path | None = None, base: str = "default") -> list[Path]:
     """Figures for the first held-out prompt of every task."""
-    from ..base_models import load_base
-    from ..model import XLoraModel
-    from .recipe import MAX_NEW_TOKENS
-    from .tasks import TASKS
+    from xlora.bases.loading import load_base
+    from xlora.core.model import XLoraModel
+    from xlora.science.recipe.config import MAX_NEW_TOKENS
+    from xlora.science.tasks import TASKS
 
     out_dir = out_dir or checkpoint / "figures"
     base_model, tok = load_base(base)
@@ -106,7 +106,7 @@ def write_figures(checkpoint: Path, data_dir: Path, out_dir: Path | None = None,
 def plot_log(log: Path, out_dir: Path) -> list[Path]:
     """Figures from a `flush_log_scalings` output: mean heatmap and the per-token weights of the
     single-token entries (generation steps) of batch row 0."""
-    from ..scalings_log import load_scalings_log
+    from xlora.core.scalings_log import load_scalings_log
 
     entries, meta = load_scalings_log(log)
     if not entries:

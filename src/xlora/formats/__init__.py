@@ -1,0 +1,1 @@
+"""Checkpoints on disk: the native (original package) layout, PEFT's, conversion, atomic writes."""

@@ -1,0 +1,58 @@
+"""Describe a checkpoint or adapter directory without loading a base model (for `xlora info`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from xlora.core.config import read_json_object
+from xlora.core.experts import _KEY_RE, ExpertError
+from xlora.formats.native import CONFIG_NAME, read_native_config
+
+
+def _adapter_summary(name: str, folder: Path) -> dict[str, str | int]:
+    cfg = read_json_object(folder / "adapter_config.json")
+    ranks: set[int] = set()
+    modules: set[str] = set()
+    st = folder / "adapter_model.safetensors"
+    if st.is_file():
+        try:
+            with safe_open(str(st), framework="pt") as f:
+                for key in f.keys():
+                    m = _KEY_RE.match(key)
+                    if m and m["ab"] == "A":
+                        modules.add(m["module"])
+                        ranks.add(f.get_slice(key).get_shape()[0])
+        except (SafetensorError, OSError) as e:
+            raise ExpertError(f"expert {name!r}: {st} is not a readable safetensors file ({e})") from None
+    targets = sorted({m.rsplit(".", 1)[-1] for m in modules}) or cfg.get("target_modules") or []
+    return {
+        "name": name,
+        "rank": "/".join(str(r) for r in sorted(ranks)) or str(cfg.get("r")),
+        "alpha": str(cfg.get("lora_alpha")),
+        "rslora": "yes" if cfg.get("use_rslora") else "no",
+        "modules": len(modules),
+        "targets": ",".join(targets) if isinstance(targets, list) else str(targets),
+    }
+
+
+def describe(path: Path) -> tuple[dict | None, list[dict]]:
+    """(gate config or None, one summary per expert) for a checkpoint or a single adapter dir."""
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        config, names, data = read_native_config(path)
+        experts = []
+        for name in names:  # names are checked by read_native_config: no separators, no ".."
+            folder = path / name
+            if not folder.is_dir():
+                raise ExpertError(f"{path}: adapter folder {name}/ is missing")
+            if not folder.resolve().is_relative_to(path.resolve()):
+                raise ExpertError(f"{path}: adapter folder {name}/ leads outside the checkpoint (a symlink?)")
+            experts.append(_adapter_summary(name, folder))
+        summary = config.to_dict()
+        summary["base_model_id"] = data.get("base_model_id")
+        return summary, experts
+    if (path / "adapter_config.json").is_file():
+        return None, [_adapter_summary(path.name, path)]
+    raise FileNotFoundError(f"{path}: neither an X-LoRA checkpoint ({CONFIG_NAME}) nor a PEFT adapter directory")

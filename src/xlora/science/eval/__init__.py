@@ -1,0 +1,1 @@
+"""Evaluating a checkpoint: test sets, checked decoding, scorecards, statistics with intervals."""

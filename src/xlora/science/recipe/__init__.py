@@ -1,0 +1,1 @@
+"""`xlora reproduce`: data splits, expert and gate training, evaluation, in one recorded run."""

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: request checks, the batching engine, the HTTP app."""
