@@ -72,3 +72,27 @@ def test_bad_json_names_file(tmp_path):
     path.write_text(json.dumps({"xlora_depth": 0}))
     with pytest.raises(XLoraConfigError, match="c.json: XLoraConfig.xlora_depth"):
         XLoraConfig.from_json_file(path)
+
+
+def test_assignments_after_construction_are_validated():
+    """`config.softmax_temperature = 0` would give NaN scalings later; it fails now, and the old value stays."""
+    cfg = XLoraConfig()
+    with pytest.raises(XLoraConfigError, match=r"XLoraConfig.softmax_temperature: expected a number > 0, got 0"):
+        cfg.softmax_temperature = 0
+    assert cfg.softmax_temperature == 1.0
+    with pytest.raises(XLoraConfigError, match="enable_softmax_topk: expected false unless top_k_lora is set"):
+        cfg.enable_softmax_topk = True
+    cfg.update(top_k_lora=2, enable_softmax_topk=True)  # dependent fields change together
+    assert (cfg.top_k_lora, cfg.enable_softmax_topk) == (2, True)
+    with pytest.raises(XLoraConfigError, match="unknown field"):
+        cfg.update(temperature=2)
+
+
+def test_global_scaling_weight_has_one_bound():
+    """The server's bound is the library's: |w| <= MAX_GLOBAL_SCALING_WEIGHT (1e30 gives inf logits)."""
+    from xlora.core.config import MAX_GLOBAL_SCALING_WEIGHT
+
+    XLoraConfig(global_scaling_weight=-MAX_GLOBAL_SCALING_WEIGHT)
+    for w in (1e30, MAX_GLOBAL_SCALING_WEIGHT * 1.01):
+        with pytest.raises(XLoraConfigError, match="global_scaling_weight: expected a finite number with magnitude"):
+            XLoraConfig(global_scaling_weight=w)

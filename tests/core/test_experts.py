@@ -89,7 +89,20 @@ def test_rank_and_alpha_patterns(tiny, tmp_path):
         (None, lambda t: {k.replace("self_attn", "attn"): v for k, v in t.items()}, "does not exist"),
         (None, lambda t: {k: v for k, v in t.items() if "lora_B" not in k}, "has lora_A but no lora_B"),
         (None, lambda t: {**t, "base_model.model.lm_head.modules_to_save.weight": torch.zeros(2)}, "modules_to_save"),
-        (None, lambda t: {k.replace("q_proj", "rotary_emb"): v for k, v in t.items()}, "does not exist"),
+        (
+            lambda c: c.update(target_modules=["q_proj", "v_proj", "down_proj", "rotary_emb"]),
+            lambda t: {k.replace("q_proj", "rotary_emb"): v for k, v in t.items()},
+            "does not exist",
+        ),
+        # the config and the tensors disagree: PEFT would adapt k_proj and drop the q/v tensors
+        (lambda c: c.update(target_modules=["k_proj"]), None, "is not matched by field 'target_modules'"),
+        (lambda c: c.update(target_modules=r".*\.k_proj"), None, "is not matched by field 'target_modules'"),
+        (lambda c: c.update(exclude_modules=["q_proj"]), None, "is excluded by field 'exclude_modules'"),
+        (lambda c: c.update(layers_to_transform=[1]), None, "outside field 'layers_to_transform'"),
+        (lambda c: c.update(target_modules=7), None, "field 'target_modules': expected a regex string or a list"),
+        # finite but huge factors: the logits would be inf/NaN
+        (None, lambda t: {k: v.fill_(3e38) if "lora_B" in k else v for k, v in t.items()}, "can change a weight"),
+        (None, lambda t: {k: v * 1e4 for k, v in t.items()}, "can change a weight by up to"),
     ],
 )
 def test_bad_adapters(tiny, tmp_path, edit_config, edit_tensors, message):
@@ -112,6 +125,7 @@ def test_non_linear_target(tiny, tmp_path):
     bad = copy_adapter(
         experts["chem"],
         tmp_path / "emb",
+        edit_config=lambda c: c.update(target_modules=["q_proj", "v_proj", "down_proj", "input_layernorm"]),
         edit_tensors=lambda t: {k.replace("self_attn.q_proj", "input_layernorm"): v for k, v in t.items()},
     )
     with pytest.raises(ExpertError, match="is a LlamaRMSNorm; only nn.Linear"):

@@ -222,3 +222,30 @@ def test_token_ids_outside_the_vocabulary(model):
         model.generate(torch.tensor([[5, 128]]), max_new_tokens=2)
     with pytest.raises(ValueError, match=r"token id -1 is outside the vocabulary"):
         next(iter_generate(model, torch.tensor([[-1, 5]])))
+
+
+def test_right_padding_is_refused(model, padded_batch):
+    """A right-padded row would continue after its padding; transformers warns, we refuse."""
+    ids, mask = padded_batch
+    right_ids, right_mask = ids.clone(), mask.flip(1)
+    with pytest.raises(ValueError, match=r"attention_mask row\(s\) \[1, 2\] have padding after .* left-pad"):
+        model.generate(right_ids, attention_mask=right_mask, max_new_tokens=2)
+    holey = torch.ones_like(mask)
+    holey[0, 4] = 0  # a hole in the middle is padding after tokens too
+    with pytest.raises(ValueError, match=r"row\(s\) \[0\] have padding after"):
+        next(iter_generate(model, ids, holey))
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        (dict(top_p=0.01, top_k=1, temperature=5.0), "top_k, top_p, temperature"),
+        (dict(seed=3), "seed"),
+        (dict(temperature=0.5), "temperature"),
+    ],
+)
+def test_sampling_options_without_sampling_are_refused(model, kwargs, named):
+    """The CLI refuses --top-p without sampling; the library follows the same rule instead of running greedy."""
+    with pytest.raises(ValueError, match=f"generate: {named} only apply when sampling; pass do_sample=True"):
+        model.generate(torch.tensor([[5, 6]]), max_new_tokens=2, **kwargs)
+    model.generate(torch.tensor([[5, 6]]), max_new_tokens=2, do_sample=True, **kwargs)  # fine when sampling

@@ -139,3 +139,21 @@ def test_quantized_base_is_never_merged(tiny, monkeypatch):
     merged, _ = tokens(model, PROMPT, reuse_scalings_after=2)
     assert torch.equal(plain, merged)
     assert len(calls) == OPTS.max_new_tokens * model.n_layers  # every step keeps the fused path
+
+
+def test_a_callback_that_raises_leaves_the_weights_unmerged(tiny):
+    """`generate` closes its generator in `finally`: the raised exception (kept alive by a notebook)
+    must not keep the experts merged into the base weights."""
+    model = build(tiny)
+    before = snapshot(model)
+
+    def boom(step):
+        if model._merged:
+            raise KeyError("callback failed")
+
+    with pytest.raises(KeyError) as caught:
+        model.generate(PROMPT, max_new_tokens=8, reuse_scalings_after=1, callback=boom)
+    assert caught.value is not None  # the exception, and its traceback's frames, are still alive here
+    after = snapshot(model)
+    assert not model._merged and all(torch.equal(before[k], after[k]) for k in before)
+    model(input_ids=PROMPT)  # usable again

@@ -15,6 +15,12 @@ class XLoraConfigError(ValueError):
     """A configuration value or file is invalid; the message names the field and what was expected."""
 
 
+# |global_scaling_weight| bound, for the library, the CLI and the server alike: 1 is the trained
+# setting and 0 the base model. Ten times the experts' deltas is already far from anything the model
+# was trained on; larger weights overflow the logits to inf/NaN (and would fail a whole server batch).
+MAX_GLOBAL_SCALING_WEIGHT = 10.0
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory is unusable (or a destination unwritable); the message names the file."""
 
@@ -50,6 +56,37 @@ class XLoraConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        object.__setattr__(self, "_checked", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Every assignment after construction is validated (the old value stays on error), so that
+        `config.softmax_temperature = 0` fails at once, naming the field, instead of giving NaN
+        scalings later. Change dependent fields together with `update`."""
+        if not getattr(self, "_checked", False) or name.startswith("_"):
+            object.__setattr__(self, name, value)
+            return
+        self.update(**{name: value})
+
+    def update(self, **values: Any) -> None:
+        """Set several fields at once, validated together; on error nothing changes."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise XLoraConfigError(f"XLoraConfig: unknown field(s) {', '.join(unknown)}")
+        old = {name: getattr(self, name) for name in values}
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        try:
+            self.validate(getattr(self, "_n_experts", None))
+        except XLoraConfigError:
+            for name, value in old.items():
+                object.__setattr__(self, name, value)
+            raise
+
+    def bind_experts(self, n_experts: int) -> None:
+        """Check this config against a model of `n_experts` and keep that bound for later assignments."""
+        self.validate(n_experts)
+        object.__setattr__(self, "_n_experts", n_experts)
 
     def validate(self, n_experts: int | None = None) -> None:
         """Raise XLoraConfigError naming the first invalid field; `n_experts` enables the top-k bound."""
@@ -92,8 +129,8 @@ class XLoraConfig:
             fail("enable_softmax_topk", "false unless top_k_lora is set")
         if self.scaling_pass_value is not None and not is_num(self.scaling_pass_value):
             fail("scaling_pass_value", "a number or None (None means 1/number of experts)")
-        if not is_num(self.global_scaling_weight):
-            fail("global_scaling_weight", "a finite number")
+        if not (is_num(self.global_scaling_weight) and abs(self.global_scaling_weight) <= MAX_GLOBAL_SCALING_WEIGHT):
+            fail("global_scaling_weight", f"a finite number with magnitude <= {MAX_GLOBAL_SCALING_WEIGHT:g}")
         if self.reuse_scalings_after is not None and not (
             is_int(self.reuse_scalings_after) and self.reuse_scalings_after >= 1
         ):

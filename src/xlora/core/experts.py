@@ -35,6 +35,10 @@ PATTERN_TIMEOUT_S = 0.5
 MAX_PATTERN_CHARS = 500
 # |alpha / r| above this is no LoRA anyone trained: it only turns every logit into 0 or inf.
 MAX_SCALE = 1e4
+# Bound on how far an expert can move one weight entry: |scale * (B @ A)_ij| <= scale * r * max|B| * max|A|.
+# A trained LoRA moves weights by well under 1 (base weights are O(0.01-1)); 1e4 is far beyond any
+# fine-tune, and finite factors beyond it (a corrupt or hostile file) turn the logits into inf/NaN.
+MAX_DELTA = 1e4
 
 
 class ExpertError(ValueError):
@@ -166,6 +170,55 @@ def _pattern_value(module: str, pattern: dict | None, where: str) -> tuple[str, 
         if hit:
             return key, value
     return None
+
+
+def _targeted(module: str, targets: object, field: str, where: str) -> bool:
+    """PEFT's rule: a string is a regex over the whole module name, a list holds name suffixes."""
+    if isinstance(targets, str):
+        try:
+            return regex.fullmatch(targets, module, timeout=PATTERN_TIMEOUT_S) is not None
+        except TimeoutError:
+            raise ExpertError(f"{where}: field {field!r}: regex takes over {PATTERN_TIMEOUT_S} s to match") from None
+        except regex.error as e:
+            raise ExpertError(f"{where}: field {field!r}: not a valid regex ({e})") from None
+    if isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets):
+        return any(module == t or module.endswith("." + t) for t in targets)
+    raise ExpertError(f"{where}: field {field!r}: expected a regex string or a list of module names, got {targets!r}")
+
+
+def _layer_index(module: str, pattern: object) -> int | None:
+    """The decoder layer number in a module name (`...layers.3.self_attn...` -> 3), as PEFT finds it."""
+    names = [pattern] if isinstance(pattern, str) else list(pattern) if isinstance(pattern, list) else []
+    alternatives = "|".join(re.escape(n) for n in names) or r"[^.]+"
+    m = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", module)
+    return int(m.group(1)) if m else None
+
+
+def _check_targets(cfg: dict, modules: list[str], cfg_path: Path, file: Path, name: str) -> None:
+    """Every module with tensors must be one the config targets: PEFT adapts the targets and drops
+    other tensors (with a warning), so a disagreement means the file is not what it says it is."""
+    where = f"expert {name!r}: {cfg_path}"
+    targets, excluded = cfg.get("target_modules"), cfg.get("exclude_modules")
+    layers = cfg.get("layers_to_transform")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if layers is not None and not (isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
+        raise ExpertError(
+            f"{where}: field 'layers_to_transform': expected an integer or a list of them, got {layers!r}"
+        )
+    for module in modules:
+        problem = None
+        if targets not in (None, "all-linear") and not _targeted(module, targets, "target_modules", where):
+            problem = f"is not matched by field 'target_modules' {targets!r}"
+        elif excluded and _targeted(module, excluded, "exclude_modules", where):
+            problem = f"is excluded by field 'exclude_modules' {excluded!r}"
+        elif layers and _layer_index(module, cfg.get("layers_pattern")) not in layers:
+            problem = f"is outside field 'layers_to_transform' {layers}"
+        if problem:
+            raise ExpertError(
+                f"{where}: module {module} has LoRA tensors in {file} but {problem}; PEFT would drop "
+                "those tensors, so the config and the weights disagree (fix target_modules or retrain)"
+            )
 
 
 def _alpha_for(module: str, cfg: dict, where: str = "alpha_pattern") -> float:
@@ -307,11 +360,24 @@ def read_expert(name: str, path: str | Path) -> LoraExpert:
                 f"expert {name!r}: {cfg_path}: lora_alpha {alpha} over rank {r} scales module {module} by "
                 f"{expert.scales[module]:.3g}; expected at most {MAX_SCALE:g} (a corrupt or hostile config?)"
             )
+        _check_delta(module, a, b, expert.scales[module], file, name)
         expert.weights[module] = (a, b)
     extra_b = set(b_parts) - set(a_parts)
     if extra_b:
         raise ExpertError(f"expert {name!r}: module {sorted(extra_b)[0]} has lora_B but no lora_A in {file}")
+    _check_targets(cfg, expert.modules, cfg_path, file, name)
     return expert
+
+
+def _check_delta(module: str, a: torch.Tensor, b: torch.Tensor, scale: float, file: Path, name: str) -> None:
+    """Refuse factors that can move a weight entry by more than MAX_DELTA (cheap bound, no B @ A)."""
+    bound = scale * a.shape[0] * float(a.abs().max()) * float(b.abs().max())
+    if not bound <= MAX_DELTA:  # also catches an overflow to inf
+        raise ExpertError(
+            f"expert {name!r}: {file}: module {module}: its LoRA factors can change a weight by up to "
+            f"{bound:.3g} (scale x rank x max|lora_A| x max|lora_B|); expected at most {MAX_DELTA:g}, "
+            "far beyond any trained adapter (a corrupt file?)"
+        )
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:

@@ -72,6 +72,14 @@ class SamplingOptions:
         check_number(where, "top_p", self.top_p, low=0, low_open=True, high=1, optional=True)
         check_number(where, "repetition_penalty", self.repetition_penalty, low=0, low_open=True, optional=True)
         check_number(where, "seed", self.seed, integer=True, low=0, high=2**64 - 1, optional=True)
+        if not self.do_sample:  # the CLI's rule too: an option that would be ignored is an error, not a no-op
+            ignored = [n for n in ("top_k", "top_p", "seed") if getattr(self, n) is not None]
+            ignored += ["temperature"] if self.temperature != 1.0 else []
+            if ignored:
+                raise ValueError(
+                    f"{where}: {', '.join(ignored)} only apply when sampling; pass do_sample=True "
+                    "(without it decoding is greedy)"
+                )
         check_number(where, "pad_token_id", self.pad_token_id, integer=True, low=0, optional=True)
         eos = self.eos_token_id
         if isinstance(eos, (list, tuple)):
@@ -186,6 +194,13 @@ def check_prompt(
         empty = (lengths == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"generate: row(s) {empty} of the batch are all padding (empty prompt)")
+        kept = attention_mask != 0  # [B, T]
+        right = (kept[:, :-1] & ~kept[:, 1:]).any(dim=1).nonzero().flatten().tolist()
+        if right:
+            raise ValueError(
+                f"generate: attention_mask row(s) {right} have padding after their tokens (right padding); "
+                "new tokens follow the last position, so left-pad the batch (tokenizer.padding_side = 'left')"
+            )
     longest = int(lengths.max())
     if context is not None and longest + max_new_tokens > context:
         asked = f"{longest} prompt tokens" + (f" + max_new_tokens={max_new_tokens}" if max_new_tokens else "")
@@ -378,12 +393,15 @@ def generate(
     if streamer is not None:
         streamer.put(input_ids.cpu())
     steps = iter_generate(model, input_ids, attention_mask, opts, use_cache, reuse_scalings_after, images=images)
-    for step in steps:
-        new_tokens.append(step.tokens)
-        if streamer is not None:
-            streamer.put(step.tokens.cpu())
-        if callback is not None:
-            callback(step)
+    try:
+        for step in steps:
+            new_tokens.append(step.tokens)
+            if streamer is not None:
+                streamer.put(step.tokens.cpu())
+            if callback is not None:
+                callback(step)
+    finally:  # a callback or streamer that raises must not leave the experts merged into the weights
+        steps.close()
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids.to(model.device), torch.stack(new_tokens, dim=1)], dim=1)

@@ -107,7 +107,7 @@ class XLoraModel(ScalingsAPI, nn.Module):
                 f"XLoraConfig.hidden_size: expected the base model's hidden size {hidden_size}, "
                 f"got {config.hidden_size}"
             )
-        config.validate(n_experts=len(experts))
+        config.bind_experts(len(experts))  # later assignments are checked against this bound too
         check_scaling_pass_layers(config, base)
         self.config = config
         self.base = base

@@ -60,12 +60,9 @@ class ScalingsAPI:
         """Set one config field, or leave the config untouched and raise a ValueError naming `method`
         (a RuntimeError while a generation holds merged weights built with the current value)."""
         self._check_not_merged()
-        old = getattr(self.config, field)
-        setattr(self.config, field, value)
         try:
-            self.config.validate(self.n_experts)
+            self.config.update(**{field: value})
         except XLoraConfigError as e:
-            setattr(self.config, field, old)
             raise XLoraConfigError(f"{method}: {e}") from None
 
     def set_topk_lora(self, value: int | None) -> None:
