@@ -234,3 +234,50 @@ def test_training_device_and_max_length_are_checked(train_setup, tmp_path):
     assert r.exit_code == 2 and "--device 'cdua'" in r.output
     r = runner.invoke(app, [*common, "--out", str(tmp_path / "b"), "--max-length", "100000"])
     assert r.exit_code == 2 and "longer than the base model's context" in r.output
+
+
+def test_empty_prompt_is_refused_like_the_server(tok_base):
+    base_dir, _ = tok_base
+    for prompt in ("", "  \n"):
+        line = one_error_line(runner.invoke(app, ["generate", "--base", str(base_dir), "-p", prompt]))
+        assert "--prompt: must not be empty" in line
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--targets", "embed_tokens"], "targets: 'embed_tokens' matches model.embed_tokens, a Embedding"),
+        (["--targets", "q_prj"], "targets: 'q_prj' names no module of the base model"),
+        (["--alpha", "nan"], "LoraOptions: alpha: expected a finite number > 0, got nan"),
+        (["--rank", "0"], "LoraOptions: rank: expected an integer >= 1, got 0"),
+        (["--lora-dropout", "1"], "LoraOptions: dropout: expected a number < 1"),
+    ],
+)
+def test_expert_options_are_refused_before_training(train_setup, tmp_path, extra, message):
+    """An expert `from_experts` would refuse, or a NaN alpha, fails before any step, writing nothing."""
+    base_dir, _, data, _ = train_setup
+    out = tmp_path / "e"
+    r = runner.invoke(app, ["train-expert", "--base", str(base_dir), "--data", str(data), "--out", str(out), *extra])
+    assert message in one_error_line(r)
+    assert not out.exists() and not (tmp_path / "e-run").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--gate-steps", "0"], "reproduce: gate_steps: expected an integer >= 1, got 0"),
+        (["--n-train", "-5"], "reproduce: n_train: expected an integer >= 1, got -5"),
+        (["--gate-lr", "nan"], "reproduce: gate_lr: expected a finite number > 0"),
+        (["--scaling-pass-layers", "99"], "--scaling-pass-layers 99: expected 1..2"),
+        (["--out", "."], ".: refusing to write over the current directory"),
+        (["--work", "{out}/w"], "expected two separate folders"),
+    ],
+)
+def test_reproduce_options_are_checked_before_any_work(tok_base, tmp_path, monkeypatch, extra, message):
+    base_dir, _ = tok_base
+    monkeypatch.chdir(tmp_path)
+    out, work = tmp_path / "out", tmp_path / "work"
+    extra = [x.replace("{out}", str(out)) for x in extra]
+    args = ["reproduce", "--base", str(base_dir), "--out", str(out), "--work", str(work), *extra]
+    assert message in one_error_line(runner.invoke(app, args))
+    assert not work.exists() and not out.exists()

@@ -139,6 +139,19 @@ def test_eval_errors_are_one_line(setup, tmp_path):
     assert "meta 'kind' must be" in one_error_line(
         runner.invoke(app, ["eval", *common, "--task", "peptides", "--data", str(bad)])
     )
+    for record, message in (
+        ({"task": "peptides", "prompt": "p", "completion": "c", "meta": "oops"}, "field 'meta': expected an object"),
+        ({"task": "peptides", "prompt": 3, "completion": "c", "meta": {}}, "field 'prompt': expected text, got 3"),
+        (["peptides", "p"], "expected a JSON object, got list"),
+    ):
+        bad.write_text(json.dumps(record) + "\n")
+        assert f"{bad}:1: {message}" in one_error_line(
+            runner.invoke(app, ["eval", *common, "--task", "peptides", "--data", str(bad)])
+        )
+    bad.write_text("{not json\n")
+    assert f"{bad}:1: not a JSON record" in one_error_line(
+        runner.invoke(app, ["eval", *common, "--task", "peptides", "--data", str(bad)])
+    )
 
 
 def test_make_test_sets_for_the_shipped_checkpoint(tmp_path):

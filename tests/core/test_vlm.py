@@ -228,6 +228,53 @@ def test_generate_refuses_unknown_keywords(vlm):
     model = build(vlm)
     with pytest.raises(TypeError, match="max_tokens"):
         model.generate(torch.tensor([[5, 6]]), max_tokens=3)
+    family = vlm[0]
+    ids, mask, images = inputs(family)
+    images["pixel_valuez"] = images.pop("pixel_values")  # a typo the model's **kwargs would swallow
+    for call in (lambda: model.generate(ids, mask, max_new_tokens=2, **images), lambda: model(input_ids=ids, **images)):
+        with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['pixel_valuez'\]"):
+            call()
+
+
+def _mismatched(family, ids, images):
+    """Image inputs that do not fit the prompt, each with the start of the error it must give."""
+    cases = [({}, "input_ids hold 8 image placeholder token\\(s\\) but no pixel_values were given")]
+    nan = {**images, "pixel_values": images["pixel_values"].clone()}
+    nan["pixel_values"].view(-1)[3] = float("nan")
+    cases.append((nan, "pixel_values: holds NaN or inf values"))
+    if family.name == "qwen2-vl":  # flat patches with one grid row per image
+        one_grid = {**images, "image_grid_thw": images["image_grid_thw"][:1]}
+        cases.append((one_grid, "pixel_values: 32 patch rows, but image_grid_thw describes 16 for 1 image"))
+        three = {
+            "pixel_values": torch.randn(48, images["pixel_values"].shape[1]),
+            "image_grid_thw": torch.tensor([[1, 4, 4]] * 3),
+        }
+        cases.append((three, "input_ids hold 2 image placeholder run\\(s\\) but image_grid_thw describes 3"))
+    else:  # [B, I, C, H, W] with a fixed number of placeholders per image
+        extra = {**images, "pixel_values": images["pixel_values"].repeat(1, 2, 1, 1, 1)}
+        extra["pixel_attention_mask"] = images["pixel_attention_mask"].repeat(1, 2, 1, 1)
+        cases.append((extra, "input_ids hold 8 image placeholder tokens; 4 image\\(s\\) need 16"))
+        cases.append(
+            ({**images, "pixel_values": images["pixel_values"][:1]}, "pixel_values: 1 rows of images for a batch of 2")
+        )
+    return cases
+
+
+def test_image_inputs_that_do_not_fit_the_prompt_are_refused(vlm):
+    """Placeholders without pixels, NaN pixels, more images than placeholder runs: one clear line,
+    from `generate` and from `forward`, never an answer without the image or a raw shape error."""
+    family = vlm[0]
+    model = build(vlm)
+    ids, mask, images = inputs(family)
+    for bad, message in _mismatched(family, ids, images):
+        with pytest.raises(ValueError, match=message):
+            model.generate(ids, mask, max_new_tokens=2, **bad)
+        with pytest.raises(ValueError, match=message):
+            model(input_ids=ids, attention_mask=mask, **bad)
+    text = torch.where(ids >= IMAGE, torch.full_like(ids, 9), ids)
+    with pytest.raises(ValueError, match="pixel_values given but input_ids hold no image placeholder token"):
+        model.generate(text, mask, max_new_tokens=2, **images)
+    model.generate(ids, mask, max_new_tokens=2, **images)  # the matching inputs still run
 
 
 # ---------------------------------------------------------------- what is adapted

@@ -171,6 +171,8 @@ def generate(
     from xlora.core.generation import check_prompt, vocab_size
     from xlora.core.model import XLoraModel
 
+    if not prompt.strip():  # the server's rule: an empty prompt is refused, not answered
+        _fail("--prompt: must not be empty")
     check_generate_options(temperature, top_p, top_k, seed, reuse_scalings_after, bool(experts or checkpoint))
     if experts and checkpoint:
         _fail("give either --experts or --checkpoint, not both")

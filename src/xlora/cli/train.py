@@ -95,11 +95,11 @@ def train_expert_cmd(
 
     try:
         options = {k: v for k, v in locals().items() if k in TRAIN_KEYS}
+        lora = LoraOptions(  # checked before the model loads
+            rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",")], dropout=lora_dropout
+        )
         rank_id, model, tokenizer, train_ds, eval_ds, args = _prepare(
             base, device, data, eval, max_length, out, run_dir, options, dtype, quantize, kind="adapter"
-        )
-        lora = LoraOptions(
-            rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",")], dropout=lora_dropout
         )
         records = train_expert(model, train_ds, eval_ds, args, lora, pad_token_id=_pad_id(tokenizer))
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -277,8 +277,10 @@ def iter_generate(
     cache_real = DynamicCache(config=model.base.config) if use_cache else None
     step_ids, last_scalings = ids, None
     merged = contextlib.ExitStack()  # holds the merged weights, if any, until the generator ends
+    multimodal.check_image_keywords(images or {}, model.base, "iter_generate()")
     images = multimodal.shared_inputs(model.base, ids, images or {})
     multimodal.check_vision_base(model.base, images)
+    multimodal.check_image_inputs(model.base, ids, images)
     images = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in images.items()}
     prompt_pos, rope_delta = multimodal.prompt_positions(model.base, ids, mask, images)  # [B, T] or [3, B, T]
 
@@ -387,7 +389,7 @@ def generate(
     )
     opts = with_model_defaults(model, opts)
     opts.validate()
-    multimodal.check_image_keywords(images)
+    multimodal.check_image_keywords(images, model.base)
     check_prompt(input_ids, attention_mask, context_length(model), max_new_tokens, vocab_size(model.base))
     new_tokens = []
     if streamer is not None:

@@ -51,7 +51,14 @@ from xlora.core.config import XLoraConfig, XLoraConfigError
 from xlora.core.early_gate import check_scaling_pass_layers, truncated_decoder
 from xlora.core.experts import ExpertSpec, LoraExpert, load_experts, stack_module
 from xlora.core.layers import ScalingsState, XLoraLinear, compute_dtype
-from xlora.core.multimodal import shared_inputs, text_config
+from xlora.core.multimodal import (
+    IMAGE_PREFIXES,
+    check_image_inputs,
+    check_image_keywords,
+    check_vision_base,
+    shared_inputs,
+    text_config,
+)
 from xlora.core.scalings_api import ScalingsAPI
 from xlora.core.scalings_log import ScalingsLog
 
@@ -353,7 +360,10 @@ class XLoraModel(ScalingsAPI, nn.Module):
             "inputs_embeds": inputs_embeds,
         }
         self._check_not_merged()
+        check_image_keywords([k for k in kwargs if k.startswith(IMAGE_PREFIXES)], self.base, "forward()")
         shared = shared_inputs(self.base, input_ids, kwargs)  # image inputs: both passes
+        check_vision_base(self.base, shared)
+        check_image_inputs(self.base, input_ids, shared)
         kwargs.update(shared)
         if self._experts_disabled:
             return self.base(**inputs, labels=labels, **kwargs)

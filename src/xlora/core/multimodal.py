@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 _SHARED_PREFIXES = ("pixel_", "image_", "video_", "mm_")
+IMAGE_PREFIXES = _SHARED_PREFIXES  # keywords with these prefixes are image inputs (checked, both passes)
 _SHARED_NAMES = frozenset({"second_per_grid_ts"})
 
 
@@ -101,14 +102,113 @@ def shared_inputs(base: nn.Module, input_ids: torch.Tensor | None, kwargs: dict[
     return shared
 
 
-def check_image_keywords(names: Any) -> None:
-    """`generate(**images)` takes image inputs only: any other unknown keyword (a typo such as
-    `max_tokens=`) is a TypeError, as in a plain function call, not silently ignored."""
+def image_keywords(base: nn.Module | None) -> frozenset[str]:
+    """The image keywords `base.forward` names (`pixel_values`, `image_grid_thw`, ...), plus the
+    `mm_token_type_ids` we derive; for a base that names none (a text-only LM), every shared name."""
+    params = inspect.signature(base.forward).parameters if base is not None else {}
+    named = {n for n in params if n.startswith(_SHARED_PREFIXES) or n in _SHARED_NAMES}
+    return frozenset(named | {"mm_token_type_ids"}) if named else frozenset()
+
+
+def check_image_keywords(names: Any, base: nn.Module | None = None, where: str = "generate()") -> None:
+    """Image inputs must be ones the base's forward takes: any other keyword (a typo such as
+    `max_tokens=` or `pixel_valuez=`) is a TypeError, as in a plain function call, never silently
+    swallowed by the model's `**kwargs`."""
+    known = image_keywords(base)
     wrong = [n for n in names if not (n.startswith(_SHARED_PREFIXES) or n in _SHARED_NAMES)]
+    if known:
+        wrong += [n for n in names if n not in known and n not in wrong]
     if wrong:
+        takes = ", ".join(sorted(known)) if known else "names starting with pixel_, image_, video_ or mm_"
         raise TypeError(
-            f"generate() got unexpected keyword argument(s) {wrong}; besides its options it takes image "
-            "inputs only (names starting with pixel_, image_, video_ or mm_)"
+            f"{where} got unexpected keyword argument(s) {wrong}; besides its options it takes image inputs "
+            f"only ({takes})"
+        )
+
+
+def _placeholder_count(base: nn.Module, input_ids: torch.Tensor | None, attr: str) -> int:
+    token = getattr(base.config, attr, None)
+    return int((input_ids == token).sum()) if token is not None and input_ids is not None else 0
+
+
+def check_image_inputs(base: nn.Module, input_ids: torch.Tensor | None, shared: dict[str, Any]) -> None:
+    """Image inputs that fit the prompt, or a ValueError saying what does not fit (instead of a raw
+    shape error deep in the vision tower, or an answer generated without the image): finite pixels,
+    pixels for every placeholder run and a placeholder run for every image."""
+    for name, value in shared.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name}: holds NaN or inf values; expected finite pixel values")
+    for pixels, grid, attr, what in (
+        ("pixel_values", "image_grid_thw", "image_token_id", "image"),
+        ("pixel_values_videos", "video_grid_thw", "video_token_id", "video"),
+    ):
+        n_tokens = _placeholder_count(base, input_ids, attr)
+        given = shared.get(pixels) is not None or (what == "image" and shared.get("mm_encoder_outputs") is not None)
+        if n_tokens and not given:
+            raise ValueError(f"input_ids hold {n_tokens} {what} placeholder token(s) but no {pixels} were given")
+        if given and input_ids is not None and not n_tokens and getattr(base.config, attr, None) is not None:
+            raise ValueError(
+                f"{pixels} given but input_ids hold no {what} placeholder token (id {getattr(base.config, attr)}); "
+                "build the prompt with the model's processor"
+            )
+        if shared.get(pixels) is not None and grid in image_keywords(base):
+            _check_grid(base, input_ids, shared, pixels, grid, attr, what)
+        elif what == "image" and shared.get(pixels) is not None:
+            _check_batched_images(base, input_ids, shared[pixels], n_tokens)
+
+
+def _check_grid(
+    base: nn.Module, input_ids: torch.Tensor | None, shared: dict, pixels: str, grid: str, attr: str, what: str
+) -> None:
+    """Qwen2-VL style: flat patches `[P, D]`, one `[t, h, w]` grid row per image, and per image a run
+    of t*h*w / merge^2 placeholder tokens."""
+    thw = shared.get(grid)
+    if thw is None:
+        raise ValueError(f"{pixels} given without {grid} (the [t, h, w] patch grid of each {what})")
+    if thw.dim() != 2 or thw.shape[1] != 3:
+        raise ValueError(f"{grid}: expected [{what}s, 3] (t, h, w per {what}), got {list(thw.shape)}")
+    patches = int(thw.prod(-1).sum())
+    if shared[pixels].shape[0] != patches:
+        raise ValueError(
+            f"{pixels}: {shared[pixels].shape[0]} patch rows, but {grid} describes {patches} "
+            f"for {thw.shape[0]} {what}(s)"
+        )
+    if input_ids is None:
+        return
+    token = getattr(base.config, attr)
+    is_kind = input_ids == token  # [B, T]
+    starts = is_kind & ~torch.cat([is_kind.new_zeros(is_kind.shape[0], 1), is_kind[:, :-1]], dim=1)
+    runs = int(starts.sum())
+    if runs != thw.shape[0]:
+        raise ValueError(
+            f"input_ids hold {runs} {what} placeholder run(s) but {grid} describes {thw.shape[0]} {what}(s)"
+        )
+    merge = getattr(getattr(base.config, "vision_config", None), "spatial_merge_size", 1) or 1
+    want = int((thw.prod(-1) // merge**2).sum())
+    if int(is_kind.sum()) != want:
+        raise ValueError(
+            f"input_ids hold {int(is_kind.sum())} {what} placeholder tokens; {grid} needs {want} "
+            f"(t*h*w / {merge}^2 per {what})"
+        )
+
+
+def _check_batched_images(base: nn.Module, input_ids: torch.Tensor | None, pixels: torch.Tensor, n_tokens: int) -> None:
+    """Idefics3 style: `[B, I, C, H, W]` (all-zero images are padding) and a fixed number of
+    placeholder tokens per real image."""
+    if pixels.dim() != 5:
+        raise ValueError(f"pixel_values: expected [batch, images, channels, height, width], got {list(pixels.shape)}")
+    if input_ids is not None and pixels.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"pixel_values: {pixels.shape[0]} rows of images for a batch of {input_ids.shape[0]}")
+    vision = getattr(base.config, "vision_config", None)
+    scale = getattr(base.config, "scale_factor", None)
+    if input_ids is None or vision is None or not scale:
+        return
+    per_image = (vision.image_size // vision.patch_size) ** 2 // scale**2
+    real = int((pixels.flatten(2) != 0).any(-1).sum())  # all-zero images are the processor's padding
+    if n_tokens != real * per_image:
+        raise ValueError(
+            f"input_ids hold {n_tokens} image placeholder tokens; {real} image(s) need {real * per_image} "
+            f"({per_image} each)"
         )
 
 
@@ -117,7 +217,7 @@ def check_vision_base(base: nn.Module, shared: dict[str, Any]) -> None:
     refuse them with an error naming the inputs."""
     if shared and language_model_name(base) is None:
         raise ValueError(
-            f"generate: {', '.join(sorted(shared))}: {type(base).__name__} is a text-only base model; "
+            f"{', '.join(sorted(shared))}: {type(base).__name__} is a text-only base model; "
             "image inputs need a vision-language base (Qwen2-VL, Idefics3)"
         )
 

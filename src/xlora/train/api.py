@@ -14,6 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from xlora.core.checks import check_number
+from xlora.core.experts import linear_shape
+from xlora.core.multimodal import modules_outside_language_model
 from xlora.formats.native import ADAPTER_FILES, atomic_directory, check_destination
 from xlora.train.data import TokenizedDataset
 from xlora.train.loop import Regulariser, Trainer, TrainingArgs
@@ -34,6 +37,41 @@ class LoraOptions:
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     dropout: float = 0.05
     rslora: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuse a shape PEFT would accept and training would then break on (NaN alpha, empty targets)."""
+        where = "LoraOptions"
+        check_number(where, "rank", self.rank, integer=True, low=1)
+        check_number(where, "alpha", self.alpha, low=0, low_open=True)
+        check_number(where, "dropout", self.dropout, low=0, high=1)
+        if self.dropout == 1:
+            raise ValueError(f"{where}: dropout: expected a number < 1 (1 drops every input), got 1")
+        if not isinstance(self.rslora, bool):
+            raise ValueError(f"{where}: rslora: expected true or false, got {self.rslora!r}")
+        if not self.targets or not all(isinstance(t, str) and t.strip() for t in self.targets):
+            raise ValueError(f"{where}: targets: expected module names such as q_proj, got {self.targets!r}")
+
+
+def check_lora_targets(base: nn.Module, targets: list[str]) -> None:
+    """Every target must name linear layers of the language model, the only ones an X-LoRA mixture
+    can adapt; checked before training so that no run ends in an expert `from_experts` refuses."""
+    modules = dict(base.named_modules())
+    for target in targets:
+        hits = [n for n in modules if n == target or n.endswith("." + target)]
+        if not hits:
+            raise ValueError(f"targets: {target!r} names no module of the base model (e.g. q_proj, v_proj)")
+        wrong = [n for n in hits if linear_shape(modules[n]) is None]
+        if wrong:
+            kind = type(modules[wrong[0]]).__name__
+            raise ValueError(
+                f"targets: {target!r} matches {wrong[0]}, a {kind}; X-LoRA experts adapt linear layers only"
+            )
+        outside = modules_outside_language_model(base, hits)
+        if outside:
+            raise ValueError(
+                f"targets: {target!r} matches {outside[0]}, outside the language model; X-LoRA mixes experts "
+                "per token of the language model only"
+            )
 
 
 def base_identity(base: nn.Module) -> dict:
@@ -100,6 +138,7 @@ def train_expert(
     from peft import LoraConfig, get_peft_model
 
     lora = lora or LoraOptions()
+    check_lora_targets(base, lora.targets)
     check_outputs(args, "adapter")
     torch.manual_seed(args.seed)  # LoRA A init
     config = LoraConfig(

@@ -14,14 +14,25 @@ from xlora.science.tasks import TASKS, Item, mean_baseline, score
 
 
 def read_items(path: Path) -> list[Item]:
+    """The JSONL records of an eval file, each checked to be {task, prompt, completion: text, meta: object}."""
     items = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        r = json.loads(line)
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not a JSON record ({e.msg})") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(r).__name__}")
         for key in ("task", "prompt", "completion", "meta"):
             if key not in r:
                 raise ValueError(f"{path}:{n}: eval records need 'task', 'prompt', 'completion' and 'meta'")
+        for key in ("task", "prompt", "completion"):
+            if not isinstance(r[key], str):
+                raise ValueError(f"{path}:{n}: field {key!r}: expected text, got {r[key]!r}")
+        if not isinstance(r["meta"], dict):
+            raise ValueError(f"{path}:{n}: field 'meta': expected an object of the task's labels, got {r['meta']!r}")
         items.append(Item(r["task"], r["prompt"], r["completion"], r["meta"]))
     return items
 

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from xlora.core.checks import check_number
 from xlora.science.tasks import TASKS
 
 MAX_NEW_TOKENS = {
@@ -105,6 +106,7 @@ class ReproduceConfig:
     def __post_init__(self) -> None:
         from xlora.train.loop import PRECISIONS
 
+        self._check_numbers()
         for name, table, ok, expected in (
             ("expert_step_factor", self.expert_step_factor, _is_factor, f"an integer from 1 to {MAX_STEP_FACTOR}"),
             ("expert_precision", self.expert_precision, lambda v: v in PRECISIONS, f"one of {PRECISIONS}"),
@@ -141,6 +143,24 @@ class ReproduceConfig:
                 "softmax scalings (they sum to 1) cannot reach: use --no-gate-softmax, --gate-route-weight 0, "
                 "or --gate-route-only without base"
             )
+
+    def _check_numbers(self) -> None:
+        """Every count, size and rate in range, so that a bad option fails before hours of work."""
+        counts = {  # field: smallest allowed value
+            **dict.fromkeys(("n_train", "n_eval", "n_expert_molecules", "n_expert_classify", "n_expert_design"), 1),
+            **dict.fromkeys(("n_expert_acp", "expert_steps", "expert_batch_size", "gate_steps", "batch_size"), 1),
+            **dict.fromkeys(("rank", "gate_size", "gate_depth", "n_test", "n_test_generate"), 1),
+            **dict.fromkeys(("seed", "acp_gate_fresh", "gate_fresh", "gate_general"), 0),
+            "max_length": 16,
+        }
+        for name, low in counts.items():
+            check_number("reproduce", name, getattr(self, name), integer=True, low=low)
+        for name in ("alpha", "expert_lr", "gate_lr"):
+            check_number("reproduce", name, getattr(self, name), low=0, low_open=True)
+        check_number("reproduce", "gate_scaling_pass_layers", self.gate_scaling_pass_layers, integer=True, low=1,
+                     optional=True)  # fmt: skip
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(f"reproduce: targets: expected module names such as q_proj, got {self.targets!r}")
 
 
 MAX_STEP_FACTOR = 100

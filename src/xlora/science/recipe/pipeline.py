@@ -344,11 +344,32 @@ def stage_gate(cfg: ReproduceConfig, experts: dict[str, Path]) -> Path:
 # ---------------------------------------------------------------------- the main entry
 
 
+def preflight(cfg: ReproduceConfig) -> None:
+    """What can be checked before hours of work: the two folders, and the early gate against the base."""
+    from transformers import AutoConfig
+
+    from xlora.bases.loading import default_base_dir
+    from xlora.formats.atomic import check_destination
+
+    check_destination(cfg.out, overwrite=True, replaces="xlora")  # a gate from an earlier run is reused
+    check_destination(cfg.work, overwrite=True, replaces=None)
+    out, work = cfg.out.resolve(), cfg.work.resolve()
+    if out == work or out.is_relative_to(work) or work.is_relative_to(out):
+        raise ValueError(f"--out {cfg.out} and --work {cfg.work}: expected two separate folders")
+    k = cfg.gate_scaling_pass_layers
+    if k is not None:
+        base_dir = default_base_dir() if cfg.base == "default" else Path(cfg.base)
+        n = getattr(AutoConfig.from_pretrained(base_dir).get_text_config(), "num_hidden_layers", None)
+        if isinstance(n, int) and k > n:
+            raise ValueError(f"--scaling-pass-layers {k}: expected 1..{n} (the base model's decoder layers)")
+
+
 def reproduce(cfg: ReproduceConfig) -> dict:
     """Run (or resume) the whole experiment; returns the results dict also written to disk."""
     from xlora.science.eval.evaluate import evaluate_all, write_results
     from xlora.science.figures import write_figures
 
+    preflight(cfg)
     ids = stage_data(cfg)
     experts = stage_experts(cfg)
     stage_gate(cfg, experts)
