@@ -370,3 +370,47 @@ def test_stream_options_keys_are_checked(client):
     error_of(post(client, CHAT_PATH, {**CHAT, "stream_options": {"include_usgae": True}}), 400, "stream_options")
     ok = post(client, CHAT_PATH, {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
     assert ok.status_code == 200
+
+
+JSON_BODY = json.dumps({**COMPLETION, "temperature": 0}).encode()  # greedy: leaves the global RNG alone
+
+
+@pytest.mark.parametrize(
+    "headers, content, needle",
+    [
+        ({"content-type": "text/plain"}, JSON_BODY, "got Content-Type: text/plain"),
+        ({}, JSON_BODY, "no Content-Type was sent"),
+        ({"content-type": "application/x-www-form-urlencoded"}, b"model=tiny-xlora&prompt=w1", "got Content-Type"),
+        ({"content-type": "multipart/form-data; boundary=x"}, b"--x--", "got Content-Type: multipart/form-data"),
+        ({"content-type": "application/json"}, b"", "the request body is empty"),
+        ({"content-type": "application/json"}, b"[1, 2]", "got a JSON array"),
+        ({"content-type": "application/json"}, b'"w1"', "got a JSON string"),
+        ({"content-type": "application/json"}, b"{not json", "not valid JSON"),
+    ],
+    ids=["text-plain", "no-content-type", "form", "multipart", "empty", "array", "string", "invalid"],
+)
+def test_a_body_that_is_not_a_json_object_is_one_clear_line(client, headers, content, needle):
+    """JSON must come as application/json (the decision is in xlora.serve.app); each case says what is wrong."""
+    err = error_of(client.post(COMPLETION_PATH, content=content, headers=headers), 400, needle)
+    assert "\n" not in err["message"] and "valid dictionary" not in err["message"] and err["param"] is None, err
+    if needle != "not valid JSON":
+        assert "JSON object (Content-Type: application/json)" in err["message"], err
+
+
+def test_json_with_a_charset_or_a_json_suffix_is_accepted(client):
+    for kind in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        r = client.post(COMPLETION_PATH, content=JSON_BODY, headers={"content-type": kind})
+        assert r.status_code == 200, (kind, r.text)
+
+
+@pytest.mark.parametrize(
+    "path, body, message, param",
+    [
+        (CHAT_PATH, {"model": NAME}, "messages: field required", "messages"),
+        (COMPLETION_PATH, {"prompt": "w1"}, "model: field required", "model"),
+        (COMPLETION_PATH, {}, "model: field required; prompt: field required", "model"),
+    ],
+)
+def test_missing_fields_are_named(client, path, body, message, param):
+    err = error_of(post(client, path, body), 400)
+    assert err["message"] == message and err["param"] == param, err

@@ -7,6 +7,15 @@ expert's weight (averaged over adapted modules) per generated token or over the 
 
 Requests are checked (see `server_checks`: unsupported OpenAI fields, unknown extension fields,
 roles, numeric ranges) and prepared in a worker thread; bodies over a size cap are refused with 413.
+
+The body must be sent as JSON (`Content-Type: application/json` or `application/*+json`); a body
+sent as text/plain, as a form or without a Content-Type is a 400 even when it holds valid JSON.
+A decision: every OpenAI SDK sends application/json, and a server usually run on localhost must
+not accept the content types a web page can POST cross-site without a CORS preflight (text/plain,
+forms, none), or any page the user visits could spend the server's compute.
+
+A client that disconnects (streaming or not, waiting or decoding) cancels its request at once:
+a waiting request leaves the queue, a decoding row leaves its batch at the next step (`DisconnectWatch`).
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import version as package_version
 from typing import Any
@@ -23,10 +32,11 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from xlora.core.checks import check_number
 from xlora.serve.checks import (
     BadRequest,
     ChatRequest,
@@ -40,6 +50,13 @@ from xlora.serve.engine import Engine, QueueFull
 from xlora.serve.engine import Request as GenRequest
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
+# Bounds of the body cap: under 1 KiB ordinary requests are refused, over 1 GiB one request can
+# make the server hold a gigabyte.
+MIN_BODY_BYTES, MAX_BODY_BYTES = 1 << 10, 1 << 30
+WATCH_KEY = "xlora.watch"  # the scope key of a request's RequestWatch
+CLIENT_GONE = 499  # the status of an answer nobody is left to read (nginx's "client closed request")
+GONE = ("gone",)  # the event that ends a request's events when its client has left
+BODY_MUST_BE_JSON = "the request body must be a JSON object (Content-Type: application/json)"
 
 
 def _error(
@@ -100,6 +117,137 @@ class BodyLimit:
         await self.app(scope, receive_again, send)
 
 
+class RequestWatch:
+    """Whether a request is over: its client disconnected, or the app finished with it.
+
+    Callbacks given to `on_end` run once, on the event loop, the moment that happens (at once if it
+    already has); the server's one cancels the request's engine work.
+    """
+
+    def __init__(self) -> None:
+        self.ended = asyncio.Event()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Run `callback` when the request ends, or now if it has."""
+        if self.ended.is_set():
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def end(self) -> None:
+        """Mark the request over and run the callbacks (once)."""
+        if self.ended.is_set():
+            return
+        self.ended.set()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+
+class DisconnectWatch:
+    """ASGI middleware: ends a request's `RequestWatch` (in `scope[WATCH_KEY]`) the moment its client disconnects.
+
+    Starlette notices a disconnect only when something polls `receive` or a streamed write fails;
+    neither happens while a non-streaming request waits for its answer, so a client that left kept
+    its row decoding. Once the app has read the body, one task per request reads `receive` and ends
+    the watch on `http.disconnect`; later `receive` calls of the app wait for the watch instead, so
+    that task stays the channel's only reader. The watch also ends when the app returns or fails.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        watch = RequestWatch()
+        scope[WATCH_KEY] = watch
+        listener: asyncio.Task | None = None
+
+        async def listen() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            watch.end()
+
+        async def app_receive() -> Message:
+            nonlocal listener
+            if listener is not None or watch.ended.is_set():
+                await watch.ended.wait()
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                watch.end()
+            elif not message.get("more_body", False):  # the body is complete: watch from now on
+                listener = asyncio.create_task(listen())
+            return message
+
+        try:
+            await self.app(scope, app_receive, send)
+        finally:
+            if listener is not None:
+                listener.cancel()
+            watch.end()
+
+
+def check_app_options(
+    model_name: object, max_body_bytes: object, where: str = "create_app", name: Callable[[str], str] = str
+) -> None:
+    """ValueError `<where>: <name(option)>: ...` for an app option that cannot work (`xlora serve` checks with it)."""
+    if not isinstance(model_name, str) or not model_name.strip() or model_name != model_name.strip():
+        raise ValueError(
+            f"{where}: {name('model_name')}: expected a non-empty name without surrounding spaces, got {model_name!r}"
+        )
+    check_number(where, name("max_body_bytes"), max_body_bytes, integer=True, low=MIN_BODY_BYTES, high=MAX_BODY_BYTES)
+
+
+def is_json_content_type(content_type: str | None) -> bool:
+    """application/json or application/*+json (parameters such as charset aside): what FastAPI parses as JSON."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, in words, for an error message."""
+    if isinstance(value, list):
+        return "a JSON array"
+    if isinstance(value, str):
+        return "a JSON string"
+    if isinstance(value, bool):
+        return "a JSON boolean"
+    if isinstance(value, (int, float)):
+        return "a JSON number"
+    return "JSON null" if value is None else "something else"
+
+
+def body_problem(errors: list[dict[str, Any]], content_type: str | None) -> str | None:
+    """One line when the body as a whole is wrong (not sent as JSON, invalid, empty, not an object), else None."""
+    if not is_json_content_type(content_type):
+        sent = f"got Content-Type: {content_type}" if content_type else "no Content-Type was sent"
+        return f"{BODY_MUST_BE_JSON}; {sent}"
+    for e in errors:
+        loc = tuple(e.get("loc", ()))
+        if e.get("type") == "json_invalid":
+            detail = (e.get("ctx") or {}).get("error", "invalid JSON")
+            at = f" at position {loc[1]}" if len(loc) > 1 else ""
+            return f"the request body is not valid JSON: {detail}{at}"
+        if loc == ("body",):
+            if e.get("type") == "missing":
+                return "the request body is empty; send a JSON object (Content-Type: application/json)"
+            return f"{BODY_MUST_BE_JSON}; got {json_kind(e.get('input'))}"
+    return None
+
+
+def field_problem(error: dict[str, Any]) -> tuple[str, str]:
+    """(one-line message, dotted field path) for a field FastAPI could not validate: `messages: field required`."""
+    loc = tuple(error.get("loc", ()))
+    where = ".".join(str(x) for x in (loc[1:] if loc[:1] == ("body",) else loc))
+    kind = error.get("type")
+    msg = {"extra_forbidden": "unknown field", "missing": "field required"}.get(kind, str(error.get("msg")))
+    return (f"{where}: {msg}" if where else msg), where
+
+
 def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving `engine` under the model id `model_name`.
 
@@ -110,7 +258,12 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
     responsive while a long prompt is tokenised. Every error body has OpenAI's shape
     `{"error": {"message", "type", "param", "code"}}`: 400 for a bad request, 404 for an unknown
     model, 413 for a body over the cap, 429 for a full queue; 500 only for an internal fault.
+    A body must be JSON sent as application/json (see the module docstring for why).
+    Bad arguments raise at once: `check_app_options` here, `check_engine_options` in the Engine.
     """
+    if not isinstance(engine, Engine):
+        raise TypeError(f"create_app: engine: expected an xlora.serve.engine.Engine, got {type(engine).__name__}")
+    check_app_options(model_name, max_body_bytes)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -118,7 +271,8 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
         engine.shutdown()
 
     app = FastAPI(title="xlora", version=package_version("xlora"), lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(DisconnectWatch)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)  # added last, so it runs first
     experts = engine.model.expert_names
 
     @app.exception_handler(StarletteHTTPException)
@@ -133,14 +287,14 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
         return _error(400, exc.message, param=exc.param)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError):
-        parts, params = [], []
-        for err in exc.errors():
-            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            msg = "unknown field" if err.get("type") == "extra_forbidden" else str(err.get("msg"))
-            parts.append(f"{where}: {msg}" if where else msg)
-            params.append(where)
-        return _error(400, "; ".join(parts) or "invalid request", param=next((p for p in params if p), None))
+    async def validation_error(http: Request, exc: RequestValidationError):
+        errors = list(exc.errors())
+        whole = body_problem(errors, http.headers.get("content-type"))
+        if whole is not None:
+            return _error(400, whole)
+        problems = [field_problem(e) for e in errors]
+        message = "; ".join(m for m, _ in problems) or "invalid request"
+        return _error(400, message, param=next((p for _, p in problems if p), None))
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception):
@@ -176,11 +330,16 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
             ],
         }
 
-    async def run(gen: GenRequest, http: Request) -> AsyncIterator[tuple]:
-        """Submit and yield the engine's events; a client that goes away cancels its row."""
+    def leave(gen: GenRequest, events: asyncio.Queue) -> None:
+        """The client left: cancel its request in the engine and end its events with GONE."""
+        engine.cancel(gen)
+        events.put_nowait(GONE)
+
+    def submit(gen: GenRequest, watch: RequestWatch) -> asyncio.Queue:
+        """Queue `gen` (429 when the queue is full); its events come on the returned queue, GONE if its client left."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        engine.dispatch = lambda fn: loop.call_soon_threadsafe(fn)  # one loop wake-up per decoding step
+        engine.dispatch = loop.call_soon_threadsafe  # one loop wake-up per decoding step
         gen.emit = events.put_nowait
         try:
             engine.submit(gen)
@@ -188,19 +347,8 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
             raise HTTPException(429, str(e)) from None
         except ValueError as e:  # the engine's own check (server checks should have caught it)
             raise BadRequest(str(e)) from None
-        try:
-            while True:
-                try:
-                    ev = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        return
-                    continue
-                yield ev
-                if ev[0] in ("end", "error"):
-                    return
-        finally:
-            gen.cancelled.set()  # no-op once finished; frees the row if the client left
+        watch.on_end(lambda: leave(gen, events))  # at once if the client left while it was prepared
+        return events
 
     def weights_dict(w) -> dict[str, float]:
         return {name: round(float(x), 6) for name, x in zip(experts, w.tolist())}
@@ -213,17 +361,16 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
         ext = req.xlora or XLoraExtension()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        stream = run(gen, http)
-        first = await anext(stream)  # raises 429 before any byte is sent
+        events = submit(gen, http.scope[WATCH_KEY])  # 429 before any byte is sent
         if not req.stream:
-            return await collect(first, stream, req, ext, rid, created, n_prompt, chat)
-        return StreamingResponse(
-            sse(first, stream, req, ext, rid, created, n_prompt, chat), media_type="text/event-stream"
-        )
+            return await collect(events, req, ext, rid, created, n_prompt, chat)
+        return StreamingResponse(sse(events, req, ext, rid, created, n_prompt, chat), media_type="text/event-stream")
 
-    async def collect(first, stream, req, ext, rid, created, n_prompt, chat):
+    async def collect(events, req, ext, rid, created, n_prompt, chat):
         text, tokens, per_token, reason = "", 0, [], "length"
-        async for ev in _chain(first, stream):
+        async for ev in until_last(events):
+            if ev is GONE:
+                return Response(status_code=CLIENT_GONE)  # nobody reads it; the access log shows why
             if ev[0] == "error":
                 return _error(500, ev[1], "server_error")
             if ev[0] == "token":
@@ -263,7 +410,7 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
             report["summary"] = weights_dict(mean)
         return report
 
-    async def sse(first, stream, req, ext, rid, created, n_prompt, chat) -> AsyncIterator[str]:
+    async def sse(events, req, ext, rid, created, n_prompt, chat) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(delta_text: str | None, reason: str | None, extra: dict | None = None, role: bool = False) -> str:
@@ -282,7 +429,9 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
         per_token, tokens = [], 0
         if chat:
             yield chunk(None, None, role=True)
-        async for ev in _chain(first, stream):
+        async for ev in until_last(events):
+            if ev is GONE:
+                return
             if ev[0] == "error":
                 err = {"message": ev[1], "type": "server_error", "param": None, "code": None}
                 yield f"data: {json.dumps({'error': err})}\n\n"
@@ -318,7 +467,10 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
     return app
 
 
-async def _chain(first, rest) -> AsyncIterator[tuple]:
-    yield first
-    async for ev in rest:
+async def until_last(events: asyncio.Queue) -> AsyncIterator[tuple]:
+    """A request's events up to and including its last: ("end", ...), ("error", ...) or GONE."""
+    while True:
+        ev = await events.get()
         yield ev
+        if ev is GONE or ev[0] in ("end", "error"):
+            return

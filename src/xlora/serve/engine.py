@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
+from xlora.core.checks import check_number
 from xlora.core.generation import SamplingOptions, iter_generate
+from xlora.core.generation import context_length as model_context
 from xlora.core.model import XLoraModel
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's int64 seed; torch accepts this range (negatives wrap)
@@ -30,6 +32,9 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's int64 seed; torch accepts t
 # experts' deltas is already far from anything the model was trained on; huge weights overflow the
 # logits to inf/NaN and would fail the whole batch the request shares.
 MAX_GLOBAL_SCALING_WEIGHT = 10.0
+DEFAULT_CONTEXT = 2048  # the context assumed when the model's config does not state one
+# The longest `batch_wait_ms`: a batch waits up to 5 x this for company; beyond a minute that is a stall.
+MAX_BATCH_WAIT_MS = 60_000.0
 
 
 class QueueFull(RuntimeError):
@@ -45,9 +50,10 @@ class MixtureOptions:
     global_scaling_weight: float | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """One generation request and the channel its events go to."""
+    """One generation request and the channel its events go to (compared by identity: two equal
+    requests from two clients are still two requests)."""
 
     prompt_ids: list[int]
     max_tokens: int
@@ -115,8 +121,39 @@ def _row_sampler(requests: list[Request], device: torch.device):
     return sample
 
 
+def check_engine_options(
+    max_batch: object,
+    max_queue: object,
+    batch_wait_ms: object,
+    reuse_scalings_after: object,
+    context_length: object = None,
+    model_context_length: int | None = None,
+    where: str = "Engine",
+    name: Callable[[str], str] = str,
+) -> None:
+    """ValueError `<where>: <name(option)>: expected ..., got ...` for the first engine option that cannot work.
+
+    The Engine calls it with its arguments; `xlora serve` calls it before loading a model, with
+    `name` spelling each option as its `--flag`, so both refuse exactly the same values.
+    `model_context_length` (the model's own context, when known) bounds `context_length`.
+    """
+    check_number(where, name("max_batch"), max_batch, integer=True, low=1)
+    check_number(where, name("max_queue"), max_queue, integer=True, low=1)
+    check_number(where, name("batch_wait_ms"), batch_wait_ms, low=0, high=MAX_BATCH_WAIT_MS)
+    check_number(where, name("reuse_scalings_after"), reuse_scalings_after, integer=True, low=1, optional=True)
+    # a prompt token and a new token at least; past the model's positions it produces garbage
+    check_number(
+        where, name("context_length"), context_length, integer=True, low=2, high=model_context_length, optional=True
+    )
+
+
 class Engine:
-    """Owns the model; `submit` enqueues, a background thread runs batches."""
+    """Owns the model; `submit` enqueues, a background thread runs batches.
+
+    `context_length` caps prompt plus answer (default: the model's `max_position_embeddings`, or
+    DEFAULT_CONTEXT when the config has none). Every argument is checked here (`check_engine_options`),
+    so a bad value fails at construction instead of failing every request later.
+    """
 
     def __init__(
         self,
@@ -126,7 +163,10 @@ class Engine:
         max_queue: int = 64,
         reuse_scalings_after: int | None = None,
         batch_wait_ms: float = 20.0,
+        context_length: int | None = None,
     ) -> None:
+        known = model_context(model)
+        check_engine_options(max_batch, max_queue, batch_wait_ms, reuse_scalings_after, context_length, known)
         self.model, self.tokenizer = model, tokenizer
         self.batch_wait_s = batch_wait_ms / 1000.0
         self.last_arrival = 0.0
@@ -135,11 +175,11 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.cond = threading.Condition()
         self.stopping = False
-        self.busy_rows = 0
+        self.busy_rows = 0  # rows of the running batch still decoding
         self.cancelled_rows = 0  # rows stopped because their client went away
         self.eos_ids = self._eos_ids()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
-        self.context_length = int(getattr(model.base.config, "max_position_embeddings", 2048))
+        self.context_length = context_length or known or DEFAULT_CONTEXT
         # How a step's events reach the consumers: called once per step with a function that emits
         # them all (the HTTP server hands this to its event loop: one wake-up per step, not per row).
         self.dispatch: Callable[[Callable[[], None]], None] = lambda fn: fn()
@@ -167,6 +207,16 @@ class Engine:
             self.last_arrival = time.monotonic()
             self.cond.notify()
         return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop `request` (its client left): a waiting one leaves the queue now, freeing its slot;
+        a decoding one leaves its batch at the next step. No event follows; a no-op once it ended."""
+        request.cancelled.set()
+        with self.cond:
+            for i, waiting in enumerate(self.waiting):
+                if waiting is request:
+                    del self.waiting[i]
+                    break
 
     def shutdown(self) -> None:
         with self.cond:
@@ -295,6 +345,7 @@ class Engine:
                         done[i], stop[i] = True, True
                         out.append((r, ("end", "length")))
                 self._send(out)
+                self.busy_rows = done.count(False)
                 if all(done):
                     break
             out = [(r, ("end", "length")) for i, r in enumerate(batch) if not done[i]]  # batch max reached

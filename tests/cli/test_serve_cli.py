@@ -1,0 +1,97 @@
+"""`xlora serve` checks every option before it loads anything, with the library's own checks."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from fastapi.testclient import TestClient
+from test_cli import one_error_line
+from typer.testing import CliRunner
+
+from xlora.cli import app
+from xlora.serve.engine import Engine
+
+runner = CliRunner()
+
+
+def loading_is_a_bug(monkeypatch) -> None:
+    """Make loading a base model fail the test: bad options must be refused before it."""
+
+    def load_base(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the options were checked")
+
+    monkeypatch.setattr("xlora.bases.loading.load_base", load_base)
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        (["--reuse-scalings-after", "0"], "serve: --reuse-scalings-after: expected an integer >= 1 or None, got 0"),
+        (["--max-batch", "0"], "serve: --max-batch: expected an integer >= 1, got 0"),
+        (["--max-queue", "0"], "serve: --max-queue: expected an integer >= 1, got 0"),
+        (["--batch-wait-ms", "-1"], "serve: --batch-wait-ms: expected a finite number >= 0"),
+        (["--batch-wait-ms", "nan"], "serve: --batch-wait-ms: expected a finite number >= 0"),
+        (["--batch-wait-ms", "inf"], "serve: --batch-wait-ms: expected a finite number >= 0"),
+        (["--model-name", ""], "serve: --model-name: expected a non-empty name"),
+        (["--model-name", "  "], "serve: --model-name: expected a non-empty name"),
+        (["--max-body-bytes", "10"], "serve: --max-body-bytes: expected an integer >= 1024"),
+        (["--max-body-bytes", str(2**40)], "serve: --max-body-bytes: expected an integer >= 1024 and <= 1073741824"),
+        (["--dtype", "float64"], "serve: --dtype: expected 'auto' or one of"),
+        (["--quantize", "int4"], "serve: --quantize: expected one of"),
+        (["--host", ""], "serve: --host: expected an address or host name"),
+        (["--port", "0"], "serve: --port: expected an integer >= 1 and <= 65535, got 0"),
+        (["--port", "70000"], "serve: --port: expected an integer >= 1 and <= 65535, got 70000"),
+        (["--device", "cdua"], "--device 'cdua': not a device name"),
+    ],
+)
+def test_bad_options_are_one_line_before_loading(tiny_checkpoint, monkeypatch, options, needle):
+    base_dir, checkpoint = tiny_checkpoint
+    loading_is_a_bug(monkeypatch)
+    result = runner.invoke(app, ["serve", "--checkpoint", str(checkpoint), "--base", str(base_dir), *options])
+    assert needle in one_error_line(result)
+
+
+def test_an_address_in_use_and_a_missing_checkpoint_are_refused_before_loading(tiny_checkpoint, monkeypatch, tmp_path):
+    base_dir, checkpoint = tiny_checkpoint
+    loading_is_a_bug(monkeypatch)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["serve", "--checkpoint", str(checkpoint), "--base", str(base_dir), "--port", str(port)]
+        assert f"--port {port}: cannot listen there" in one_error_line(runner.invoke(app, args))
+    missing = tmp_path / "nowhere"
+    line = one_error_line(runner.invoke(app, ["serve", "--checkpoint", str(missing), "--base", str(base_dir)]))
+    assert f"{missing}: checkpoint directory does not exist" in line
+
+
+def test_the_options_reach_the_engine_and_the_app(tiny_checkpoint, monkeypatch):
+    """--batch-wait-ms was accepted and then ignored (not passed to the Engine)."""
+    base_dir, checkpoint = tiny_checkpoint
+    made: dict = {}
+
+    class SpyEngine(Engine):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made["engine"] = self
+
+    def run(app_, host: str, port: int, **kwargs) -> None:
+        made["app"], made["address"] = app_, (host, port)
+        made["engine"].shutdown()
+
+    monkeypatch.setattr("xlora.serve.engine.Engine", SpyEngine)
+    monkeypatch.setattr("uvicorn.run", run)
+    with socket.socket() as probe:  # a free port: the CLI checks that it can listen there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    options = ["--max-batch", "3", "--max-queue", "5", "--batch-wait-ms", "7.5", "--reuse-scalings-after", "2"]
+    args = ["serve", "--checkpoint", str(checkpoint), "--base", str(base_dir), "--port", str(port), *options]
+    result = runner.invoke(app, [*args, "--model-name", "mine"])
+    assert result.exit_code == 0, result.output
+    engine = made["engine"]
+    assert (engine.max_batch, engine.max_queue, engine.reuse_scalings_after) == (3, 5, 2)
+    assert engine.batch_wait_s == pytest.approx(0.0075)
+    assert made["address"] == ("127.0.0.1", port) and "serving mine (" in result.output
+    with TestClient(made["app"]) as http:
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["mine"]
