@@ -34,9 +34,16 @@ def run_gate(train_setup, out, **kw):
     return model, records
 
 
-def cli(*args, env=None, timeout=300):
+CLI_MAIN = "import sys\nfrom xlora.cli import main\nsys.argv = ['xlora', *sys.argv[1:]]\nmain()\n"
+
+
+def cli(*args, env=None, timeout=300, kill_at=None):
+    """Run `xlora ARGS` in a subprocess; `kill_at=(step, folder name)`: SIGKILLed at that step of a save."""
+    from helpers import kill_at_save_step
+
+    command = ["-m", "xlora.cli"] if kill_at is None else ["-c", kill_at_save_step(*kill_at) + CLI_MAIN]
     return subprocess.run(
-        [sys.executable, "-m", "xlora.cli", *args],
+        [sys.executable, *command, *args],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
