@@ -153,3 +153,28 @@ def kill_at_save_step(point: str, name: str) -> str:
     the next atomic replacement of a folder called `name`: the fault is injected by the test, not the library."""
     assert point in ("new", "swap")
     return KILL_AT_SAVE_STEP.format(point=point, name=name)
+
+
+KILL_AFTER_STEP = """
+import os
+import signal
+
+from xlora.train.loop import Trainer
+
+_real_log = Trainer.log
+
+
+def _log_then_maybe_die(self, record):
+    # SIGKILL this process right after the metrics row of optimizer step {step} is written
+    _real_log(self, record)
+    if record.get("step") == {step} and "loss" in record:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+Trainer.log = _log_then_maybe_die
+"""
+
+
+def kill_after_training_step(step: int) -> str:
+    """Python source that makes a training process die (SIGKILL) right after logging optimizer step `step`."""
+    return KILL_AFTER_STEP.format(step=int(step))

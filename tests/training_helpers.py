@@ -37,11 +37,10 @@ def run_gate(train_setup, out, **kw):
 CLI_MAIN = "import sys\nfrom xlora.cli import main\nsys.argv = ['xlora', *sys.argv[1:]]\nmain()\n"
 
 
-def cli(*args, env=None, timeout=300, kill_at=None):
-    """Run `xlora ARGS` in a subprocess; `kill_at=(step, folder name)`: SIGKILLed at that step of a save."""
-    from helpers import kill_at_save_step
-
-    command = ["-m", "xlora.cli"] if kill_at is None else ["-c", kill_at_save_step(*kill_at) + CLI_MAIN]
+def cli(*args, env=None, timeout=300, inject=None):
+    """Run `xlora ARGS` in a subprocess; `inject`: Python source run first (a fault the test injects, such as
+    helpers.kill_at_save_step or helpers.kill_after_training_step)."""
+    command = ["-m", "xlora.cli"] if inject is None else ["-c", inject + CLI_MAIN]
     return subprocess.run(
         [sys.executable, *command, *args],
         capture_output=True,

@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 
 from xlora import CheckpointError, XLoraConfig, XLoraModel
 from xlora.cli import app
-from xlora.formats.atomic import destination_lock, hold_lock
 
 runner = CliRunner()
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -165,6 +164,8 @@ def test_recovery_never_adopts_a_users_folder(model, tiny, tmp_path):
 
 
 def test_a_concurrent_save_to_the_same_folder_fails_clearly(model, tmp_path):
+    from xlora.formats.atomic import destination_lock, hold_lock
+
     target = model.save_pretrained(tmp_path / "ck")
     before = tree(target)
     errors: list[BaseException] = []

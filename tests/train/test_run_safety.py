@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_base
+from helpers import kill_at_save_step, load_base
 from safetensors.torch import load_file
 from training_helpers import ROOT, cli, gate_cli_args, run_gate
 from transformers import AutoTokenizer
@@ -67,7 +67,7 @@ def test_kill_between_the_two_renames_resumes_from_the_newest_checkpoint(train_s
     opts = ("--steps", "10", "--save-every", "3")
     full = cli(*gate_cli_args(train_setup, tmp_path / "full", *opts))
     assert full.returncode == 0, full.stderr
-    killed = cli(*gate_cli_args(train_setup, tmp_path / "part", *opts), kill_at=("swap", "checkpoint"))
+    killed = cli(*gate_cli_args(train_setup, tmp_path / "part", *opts), inject=kill_at_save_step("swap", "checkpoint"))
     assert killed.returncode == -9
     run = tmp_path / "part-run"
     assert not (run / "checkpoint").exists()  # the window the issue describes
