@@ -3,8 +3,11 @@
 A directory is replaced in steps: write `.NAME.tmp-*`, rename it to `.NAME.new-*` (complete from
 then on), move the old `NAME` to `.NAME.old-*`, rename the new one to `NAME`, delete the old one.
 Whatever fails, `NAME` is afterwards the old directory, untouched, or the complete new one;
-`recover_directory` finishes a replacement a kill interrupted. Leftovers carry the writer's pid and
-process start time, so those of dead processes are swept and a reused pid is not mistaken for them.
+`recover_directory` finishes a replacement a kill interrupted. Leftovers are named exactly
+`.NAME.KIND-PID-START-HEX8` (the writer's pid and process start time, so a reused pid is not mistaken
+for it) and hold the saver's marker file: only such folders, of dead processes, are ever swept or
+adopted; a user's `.NAME.old-backup/` is never touched. One save per destination at a time: an OS
+lock (`hold_lock`, POSIX flock) on `.NAME.lock`. `check_output` is the destination check of every writer.
 """
 
 from __future__ import annotations
