@@ -119,3 +119,62 @@ def sharpen(model, std: float = 0.5, seed: int = 0):
         for p in model.classifier.parameters():
             p.normal_(0.0, std)
     return model
+
+
+KILL_AT_SAVE_STEP = """
+import os
+import signal
+from pathlib import Path
+
+import xlora.formats.atomic  # noqa: F401 - the module whose renames are watched
+
+_real_replace = os.replace
+
+
+def _replace_then_maybe_die(src, dst):
+    # SIGKILL this process right after one named rename of an atomic replacement of a folder named NAME:
+    # "new": the complete copy became .NAME.new-*; "swap": the old NAME moved aside to .NAME.old-*
+    _real_replace(src, dst)
+    src, dst = Path(src), Path(dst)
+    if {point!r} == "new":
+        hit = dst.name.startswith(".{name}.new-")
+    else:
+        hit = src.name == {name!r} and dst.name.startswith(".{name}.old-")
+    if hit:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+os.replace = _replace_then_maybe_die
+"""
+
+
+def kill_at_save_step(point: str, name: str) -> str:
+    """Python source that makes the process running it die (SIGKILL) at a named step ("new" or "swap") of
+    the next atomic replacement of a folder called `name`: the fault is injected by the test, not the library."""
+    assert point in ("new", "swap")
+    return KILL_AT_SAVE_STEP.format(point=point, name=name)
+
+
+KILL_AFTER_STEP = """
+import os
+import signal
+
+from xlora.train.loop import Trainer
+
+_real_log = Trainer.log
+
+
+def _log_then_maybe_die(self, record):
+    # SIGKILL this process right after the metrics row of optimizer step {step} is written
+    _real_log(self, record)
+    if record.get("step") == {step} and "loss" in record:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+Trainer.log = _log_then_maybe_die
+"""
+
+
+def kill_after_training_step(step: int) -> str:
+    """Python source that makes a training process die (SIGKILL) right after logging optimizer step `step`."""
+    return KILL_AFTER_STEP.format(step=int(step))

@@ -34,9 +34,15 @@ def run_gate(train_setup, out, **kw):
     return model, records
 
 
-def cli(*args, env=None, timeout=300):
+CLI_MAIN = "import sys\nfrom xlora.cli import main\nsys.argv = ['xlora', *sys.argv[1:]]\nmain()\n"
+
+
+def cli(*args, env=None, timeout=300, inject=None):
+    """Run `xlora ARGS` in a subprocess; `inject`: Python source run first (a fault the test injects, such as
+    helpers.kill_at_save_step or helpers.kill_after_training_step)."""
+    command = ["-m", "xlora.cli"] if inject is None else ["-c", inject + CLI_MAIN]
     return subprocess.run(
-        [sys.executable, "-m", "xlora.cli", *args],
+        [sys.executable, *command, *args],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},

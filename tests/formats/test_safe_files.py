@@ -145,7 +145,8 @@ def test_a_failed_rename_always_leaves_the_old_checkpoint_byte_identical(model, 
 KILL_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
-from helpers import load_base, sharpen
+from helpers import kill_at_save_step, load_base, sharpen
+exec(kill_at_save_step({point!r}, "ck"))
 from xlora import XLoraConfig, XLoraModel
 experts = {experts!r}
 m = XLoraModel.from_experts(load_base({base!r}), experts, XLoraConfig(xlora_depth=2, xlora_size=8))
@@ -165,9 +166,9 @@ def test_a_kill_during_replacement_is_recovered(model, tiny, tmp_path, point):
         experts={k: str(v) for k, v in experts.items()},
         base=str(base_dir),
         target=str(target),
+        point=point,
     )
-    env = {**os.environ, "XLORA_TEST_KILL_SAVE_AT": point}
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert r.returncode == -9, r.stderr[-2000:]
     assert target.exists() == (point == "new")  # "swap": the window between the two renames
     loaded = XLoraModel.from_pretrained(load_base(base_dir), target)

@@ -130,10 +130,12 @@ def test_agents_cli_writes_the_graph_and_rejects_bad_options(checkpoint, tmp_pat
     assert r.exit_code == 0, r.output
     assert (tmp_path / "graph.graphml").is_file() and (tmp_path / "graph.png").is_file()
     assert json.loads((tmp_path / "summary.json").read_text())["asker_experts"] == ["chem"]
+    r = runner.invoke(app, args + ["--turns", "1", "--max-new-tokens", "2"])
+    assert r.exit_code == 2 and "transcript.md: already exists (pass overwrite=True / --overwrite" in r.output
     for bad, message in (
         (["--turns", "0"], "--turns: expected 1 to 50 rounds, got 0"),
         (["--answerer-experts", " , "], "--answerer-experts: expected 'all', 'none' or comma-separated"),
         (["--answerer-experts", "nope"], "unknown expert(s) ['nope']"),
     ):
-        r = runner.invoke(app, args + bad)
+        r = runner.invoke(app, args + bad + ["--overwrite"])
         assert r.exit_code != 0 and message in r.output, r.output

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_base
+from helpers import kill_at_save_step, load_base
 from safetensors.torch import load_file
 from training_helpers import ROOT, cli, gate_cli_args, run_gate
 from transformers import AutoTokenizer
@@ -67,7 +67,7 @@ def test_kill_between_the_two_renames_resumes_from_the_newest_checkpoint(train_s
     opts = ("--steps", "10", "--save-every", "3")
     full = cli(*gate_cli_args(train_setup, tmp_path / "full", *opts))
     assert full.returncode == 0, full.stderr
-    killed = cli(*gate_cli_args(train_setup, tmp_path / "part", *opts), env={"XLORA_TEST_KILL_SAVE_AT": "swap"})
+    killed = cli(*gate_cli_args(train_setup, tmp_path / "part", *opts), inject=kill_at_save_step("swap", "checkpoint"))
     assert killed.returncode == -9
     run = tmp_path / "part-run"
     assert not (run / "checkpoint").exists()  # the window the issue describes
@@ -85,21 +85,33 @@ def test_kill_between_the_two_renames_resumes_from_the_newest_checkpoint(train_s
 
 
 def test_resume_picks_the_newest_complete_leftover_and_truncates_metrics(train_setup, tmp_path):
-    """Leftovers as an earlier version left them: a complete temp dir (step 4) next to an older
-    checkpoint moved aside (step 2) and an incomplete temp dir; metrics rows went on to step 6."""
+    """Leftovers as a killed saver leaves them (marked as its own): a complete temp dir (step 4) next to
+    an older checkpoint moved aside (step 2) and an incomplete temp dir; metrics rows went on to step 6.
+    A user's look-alike folder (a complete checkpoint of a later step, unmarked) is neither adopted nor
+    removed."""
+    from xlora.formats.atomic import _write_marker
+
     run = tmp_path / "g-run"
     model, _ = run_gate(train_setup, tmp_path / "g", max_steps=6, save_every=4)  # checkpoint at step 4
     final = {k: v.clone() for k, v in model.classifier.state_dict().items()}
-    shutil.copytree(run / "checkpoint", run / ".checkpoint.tmp-123456789-bbbb")
-    os.replace(run / "checkpoint", run / ".checkpoint.old-123456789-aaaa")
-    meta = run / ".checkpoint.old-123456789-aaaa" / "meta.json"
+    user = run / ".checkpoint.new-123456789-1-0000dddd"
+    shutil.copytree(run / "checkpoint", user)
+    (user / "meta.json").write_text(json.dumps({"step": 5, "format": 1}))
+    tags = {"bbbb": "tmp", "aaaa": "old", "cccc": "tmp"}
+    shutil.copytree(run / "checkpoint", run / ".checkpoint.tmp-123456789-1-0000bbbb")
+    os.replace(run / "checkpoint", run / ".checkpoint.old-123456789-1-0000aaaa")
+    meta = run / ".checkpoint.old-123456789-1-0000aaaa" / "meta.json"
     meta.write_text(json.dumps({"step": 2, "format": 1}))  # the older one
-    (run / ".checkpoint.tmp-123456789-cccc").mkdir()  # an incomplete one (no meta.json)
+    (run / ".checkpoint.tmp-123456789-1-0000cccc").mkdir()  # an incomplete one (no meta.json)
+    for rand, kind in tags.items():
+        _write_marker(
+            run / f".checkpoint.{kind}-123456789-1-0000{rand}", run / "checkpoint", kind, f"123456789-1-0000{rand}"
+        )
     with (run / "metrics.jsonl").open("a") as f:
         f.write("{broken")  # a row cut by the kill
     resumed, records = run_gate(train_setup, tmp_path / "g", max_steps=6, save_every=4, resume=True)
     assert [r["step"] for r in records if "loss" in r] == [5, 6]
-    assert not list(run.glob(".checkpoint.*"))
+    assert [p.name for p in run.glob(".checkpoint.*")] == [user.name]  # the saver's swept, the user's kept
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6, 6]  # rows past step 4 were dropped, then written again; 6 twice: eval
     for k, v in resumed.classifier.state_dict().items():
@@ -203,3 +215,55 @@ def test_resume_notices_another_base_of_the_same_architecture(train_setup, tmp_p
     run_gate(train_setup, tmp_path / "g", max_steps=4, save_every=2)
     with pytest.raises(RunError, match=r"base\.weights_sha256"):
         run_gate((other, experts, data, ev), tmp_path / "g", max_steps=4, save_every=2, resume=True)
+
+
+def test_a_second_run_into_a_locked_run_directory_fails_naming_the_holder(train_setup, tmp_path):
+    """Two `train-gate --out cc` runs started 9 s apart both exited 0 and interleaved cc-run/metrics.jsonl."""
+    import subprocess
+    import sys
+    import threading
+
+    from xlora.train.run_state import LOCK, run_lock
+
+    base_dir, _, data, _ = train_setup
+    run = tmp_path / "cc-run"
+    expert = ["train-expert", "--base", str(base_dir), "--data", str(data), "--steps", "1", "--run-dir", str(run)]
+    with run_lock(run):  # a run in progress
+        for args in (
+            gate_cli_args(train_setup, tmp_path / "cc", "--steps", "1"),
+            [*expert, "--out", str(tmp_path / "e")],
+        ):
+            r = cli(*args)
+            assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+            line = r.stderr.strip()
+            assert len(line.splitlines()) == 1 and "another training run is using this run directory" in line
+            assert f"(pid {os.getpid()} on " in line and " since " in line, line
+        errors = []
+        library = threading.Thread(target=lambda: _catch(errors, run_gate, train_setup, tmp_path / "cc", max_steps=1))
+        library.start()
+        library.join()
+        assert len(errors) == 1 and "another training run is using this run directory" in str(errors[0])
+    assert not (run / "metrics.jsonl").exists() and not (tmp_path / "cc").exists()
+    # a run killed while holding the lock leaves the lock file, but the kernel dropped the lock: no block
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import os\nfrom xlora.train.run_state import run_lock\nheld = run_lock({str(run)!r})\nheld.__enter__()\n"
+            "os.kill(os.getpid(), 9)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == -9 and (run / LOCK).is_file(), killed.stderr
+    r = cli(*gate_cli_args(train_setup, tmp_path / "cc", "--steps", "1"))
+    assert r.returncode == 0, r.stderr
+    assert not (run / LOCK).exists()
+
+
+def _catch(errors: list, fn, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the test checks it
+        errors.append(e)

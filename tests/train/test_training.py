@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import load_base
+from helpers import kill_after_training_step, load_base
 from safetensors.torch import load_file
 from training_helpers import ROOT, cli, gate_cli_args, gate_model, run_gate
 from transformers import AutoTokenizer
@@ -64,7 +64,7 @@ def test_sigkill_and_resume_reaches_same_result(train_setup, tmp_path):
     assert json.loads((tmp_path / "full" / "xlora_config.json").read_text())["enable_softmax"] is False
     killed = cli(
         *gate_cli_args(train_setup, tmp_path / "part", *opts),
-        env={"XLORA_TEST_SIGKILL_AT_STEP": "7"},
+        inject=kill_after_training_step(7),
     )
     assert killed.returncode == -9  # SIGKILL after step 7; the last checkpoint is step 6
     assert not (tmp_path / "part").exists()

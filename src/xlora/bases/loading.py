@@ -163,6 +163,18 @@ def describe_base(model: torch.nn.Module) -> dict[str, str]:
     return {"dtype": str(ref.dtype).removeprefix("torch."), "quantization": method or "none"}
 
 
+_PICKLE_REFUSED = (
+    "{path}: its weights (pytorch_model.bin) hold pickled Python objects, not only tensors; refusing to unpickle "
+    "them (that can run code). Save the model as safetensors (save_pretrained) and load that folder"
+)
+
+
+def _is_unpickling_error(e: BaseException) -> bool:
+    """Whether `e` is torch's refusal of a pickle under weights_only (pickle.UnpicklingError, by name: the
+    package imports no pickle module)."""
+    return any(cls.__name__ == "UnpicklingError" for cls in type(e).__mro__)
+
+
 def load_base(
     name_or_dir: str | os.PathLike[str] = "default",
     device: str | torch.device | None = None,
@@ -197,7 +209,12 @@ def load_base(
     if device_map is not None:
         extra["device_map"] = device_map
     with quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
+        except Exception as e:
+            if _is_unpickling_error(e):
+                raise ValueError(_PICKLE_REFUSED.format(path=path)) from None
+            raise
         tokenizer = AutoTokenizer.from_pretrained(path)
     if str(name_or_dir) == "default":
         model.config._name_or_path = DEFAULT_BASE_ID

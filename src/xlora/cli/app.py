@@ -63,6 +63,14 @@ def checkpoint_path(path: Path) -> Path:
     return path
 
 
+def check_files_out(folder: Path, names: list[str], overwrite: bool, reads: list) -> None:
+    """The files a command will write into `folder`, each through the shared `check_output` (before any work)."""
+    from xlora.formats.atomic import check_output
+
+    for name in names:
+        check_output(folder / name, overwrite, reads=reads)
+
+
 def comma_list(text: str | None) -> list[str] | None:
     """ "a, b" -> ["a", "b"]; None (option not given) stays None, so an empty value is the caller's error."""
     return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
@@ -290,13 +298,14 @@ def export_ordering_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="A native or PEFT X-LoRA checkpoint directory.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Ordering JSON file to write.")],
     base: Annotated[str | None, typer.Option(help="Base model dir or 'default' (default: the stored id).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
 ) -> None:
     """Write the mistral.rs ordering file: expert order and our adapted-module numbering."""
     from xlora.formats.checkpoint import read_checkpoint
     from xlora.formats.convert import export_ordering
 
     base_dir = resolve_base_dir(base, read_checkpoint(checkpoint).base_model_id)
-    data = export_ordering(checkpoint, output, base_dir)
+    data = export_ordering(checkpoint, output, base_dir, overwrite=overwrite)  # checks OUTPUT first
     out.print(f"wrote {output}: {len(data['order'])} experts, {len(data['layers'])} adapted modules")
 
 

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from xlora.cli.app import SCALING_PASS_LAYERS, DtypeOption, QuantizeOption, _fail, app, checkpoint_path, comma_list, out
+from xlora.cli.app import (
+    SCALING_PASS_LAYERS,
+    DtypeOption,
+    QuantizeOption,
+    _fail,
+    app,
+    check_files_out,
+    checkpoint_path,
+    comma_list,
+    out,
+)
 from xlora.science import SHIPPED, shipped_checkpoint
 
 
@@ -93,21 +103,27 @@ DEMO_PROMPTS = {
 }
 
 
+DEMO_FIGURES = ("routing_heatmap.png", "routing_tokens.png")
+
+
 @app.command()
 def demo(
     checkpoint: Annotated[Path | None, typer.Option(help="Default: the shipped science checkpoint.")] = None,
     figures: Annotated[Path, typer.Option(help="Where to write the routing figures.")] = Path("xlora-demo"),
     dtype: DtypeOption = "float32",
     quantize: QuantizeOption = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace figures already in --figures.")] = False,
 ) -> None:
     """Answer one prompt per task with the shipped X-LoRA model, show which expert led, plot routing."""
     from xlora.bases.loading import load_base
     from xlora.core.model import XLoraModel
+    from xlora.formats.native import checkpoint_file
     from xlora.science.figures import heatmaps, routing_for, token_weights
     from xlora.science.recipe.config import MAX_NEW_TOKENS
 
     try:
         ck = checkpoint or shipped_checkpoint()
+        check_files_out(figures, list(DEMO_FIGURES), overwrite, reads=[ck])
         base, tok = load_base("default", dtype=dtype, quantization=quantize)
         model = XLoraModel.from_pretrained(base, ck)
     except (ValueError, FileNotFoundError, OSError) as e:
@@ -144,7 +160,7 @@ def demo(
         )
         heat.append((task, mean))
         lines.append((task, tokens, weights))
-    results = ck / "results.md"
+    results = checkpoint_file(ck, "results.md")
     if results.is_file() and checkpoint is None:  # the shipped checkpoint: say what its small table misses
         out.print(
             "\nThe run's own figures on 24 held-out items per task follow. They are small samples: on the "
@@ -158,8 +174,8 @@ def demo(
     if results.is_file():
         out.print("\n" + results.read_text(), soft_wrap=True, highlight=False)
     paths = [
-        heatmaps(heat, model.expert_names, figures / "routing_heatmap.png"),
-        token_weights(lines, model.expert_names, figures / "routing_tokens.png"),
+        heatmaps(heat, model.expert_names, figures / DEMO_FIGURES[0]),
+        token_weights(lines, model.expert_names, figures / DEMO_FIGURES[1]),
     ]
     out.print("figures: " + ", ".join(str(p) for p in paths), soft_wrap=True, highlight=False)
 
@@ -277,13 +293,18 @@ def make_test_sets(
     out_dir: Annotated[Path, typer.Option("--out", help="Where the {task}-test.jsonl files go.")] = Path("xlora-test"),
     n_loss: Annotated[int, typer.Option(help="Items per task scored by loss.")] = 200,
     n_generate: Annotated[int, typer.Option(help="Items per generated metric.")] = 100,
+    overwrite: Annotated[bool, typer.Option(help="Replace test sets already in --out.")] = False,
 ) -> None:
     """Write test sets disjoint from everything the checkpoint's experts and gate saw (its manifest)."""
     from xlora.science.eval.testsets import HoldoutSizes, manifest_ids, write_test_sets
     from xlora.science.tasks import TASKS
 
-    ids, seed = manifest_ids(checkpoint_path(checkpoint))
-    record = write_test_sets(out_dir, ids, seed, HoldoutSizes(n_loss, n_generate))
+    sizes = HoldoutSizes(n_loss, n_generate)
+    sizes.check()  # bad sizes first: they are the error to fix whatever --out holds
+    source = checkpoint_path(checkpoint)
+    check_files_out(out_dir, [f"{task}-test.jsonl" for task in TASKS] + ["test-ids.json"], overwrite, [source])
+    ids, seed = manifest_ids(source)
+    record = write_test_sets(out_dir, ids, seed, sizes)
     out.print(
         f"{len(record['qm9_index_test'])} molecules, {len(record['amp_sequences_test'])} antimicrobial-task and "
         f"{len(record['acp_sequences_test'])} anticancer peptides, unseen by the run: "
@@ -298,11 +319,13 @@ def make_test_sets(
 def plot_scalings(
     log: Annotated[Path, typer.Argument(help="The path given to flush_log_scalings.")],
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("scalings-figures"),
+    overwrite: Annotated[bool, typer.Option(help="Replace figures already in --output.")] = False,
 ) -> None:
     """Turn a `flush_log_scalings` output into a heatmap and a per-token plot."""
-    from xlora.science.figures import plot_log
+    from xlora.science.figures import LOG_FIGURES, plot_log
 
     try:
+        check_files_out(output, list(LOG_FIGURES), overwrite, reads=[log])
         paths = plot_log(log, output)
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
@@ -338,12 +361,13 @@ def agents(
     base: str = "default",
     dtype: DtypeOption = "float32",
     quantize: QuantizeOption = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the files of an earlier run in --out.")] = False,
 ) -> None:
     """Two instances of one X-LoRA model in a bounded question/critique dialogue; the triples they
     state become a knowledge graph (GraphML + PNG). A small-scale version of the paper's case study."""
     from xlora.bases.loading import load_base
     from xlora.core.model import XLoraModel
-    from xlora.science.agents import AgentsConfig, check_out_dir, run_dialogue, write_run
+    from xlora.science.agents import RUN_FILES, AgentsConfig, check_out_dir, run_dialogue, write_run
 
     if turns < 1 or turns > 50:
         _fail(f"--turns: expected 1 to 50 rounds, got {turns}")
@@ -360,6 +384,8 @@ def agents(
     )
     try:
         check_out_dir(out_dir)  # before the dialogue: a bad --out must not cost the whole run
+        reads = [checkpoint_path(checkpoint)] + ([] if base == "default" else [base])
+        check_files_out(out_dir, list(RUN_FILES), overwrite, reads)
         model_base, tok = load_base(base, dtype=dtype, quantization=quantize)
         model = XLoraModel.from_pretrained(model_base, checkpoint_path(checkpoint)).eval()
         transcript, triples = run_dialogue(model, tok, cfg)

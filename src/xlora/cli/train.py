@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -32,11 +33,25 @@ TRAIN_KEYS = (
 
 
 def _prepare(
-    base, device, data, eval, max_length, out, run_dir, options: dict, dtype="float32", quantize=None, kind="xlora"
+    base,
+    device,
+    data,
+    eval,
+    max_length,
+    out,
+    run_dir,
+    options: dict,
+    dtype="float32",
+    quantize=None,
+    kind="xlora",
+    overwrite: bool = False,
+    inputs: tuple = (),
+    hold: ExitStack | None = None,
 ):
-    """What both training commands start with: process rank, base model, datasets, TrainingArgs."""
+    """What both training commands start with: process rank, outputs checked and the run directory locked
+    (held by `hold` for the command's life), base model, datasets, TrainingArgs."""
     from xlora.bases.loading import load_base
-    from xlora.train.api import check_outputs
+    from xlora.train.api import check_outputs, lock_run
     from xlora.train.data import load_dataset
     from xlora.train.loop import TrainingArgs, distributed
 
@@ -44,7 +59,11 @@ def _prepare(
     options = dict(options)
     steps = options.pop("steps")
     args = TrainingArgs(output_dir=str(out), max_steps=steps, run_dir=str(run_dir) if run_dir else None, **options)
+    reads = [data, eval, *inputs] + ([] if base == "default" else [base])
+    check_train_outputs(args, kind, overwrite, reads)
     check_outputs(args, kind)  # before minutes of loading and hours of training
+    if hold is not None:
+        hold.enter_context(lock_run(args))  # a second run into this run directory fails here, at once
     model, tokenizer = load_base(base, device=_device_for(device), dtype=dtype, quantization=quantize)
     context = getattr(model.config, "max_position_embeddings", None)
     if isinstance(context, int) and max_length > context:
@@ -54,9 +73,22 @@ def _prepare(
     return rank_id, model, tokenizer, train_ds, eval_ds, args
 
 
+def check_train_outputs(args, kind: str, overwrite: bool, reads: list) -> None:
+    """--out and the run directory: an existing one only with --overwrite (the run directory also with
+    --resume, which continues it), and neither may be, contain or lie inside an input (base, experts, data)."""
+    from xlora.formats.atomic import check_output
+    from xlora.train.run_state import LOCK
+
+    check_output(args.output_dir, overwrite, reads=reads, directory=True, replaces=kind)
+    run = args.run_path
+    used = run.is_dir() and any(p.name != LOCK for p in run.iterdir())
+    check_output(run, overwrite or bool(args.resume) or not used, reads=reads, directory=True)
+
+
 # Options shared by train-expert and train-gate (typer needs them spelled out per command).
 _DATA = typer.Option(help="Training data: .jsonl or .csv (prompt/completion, messages or text).")
 _EVAL = typer.Option(help="Evaluation data, same format.")
+_OVERWRITE = typer.Option(help="Replace an existing --out, or start afresh in a used run directory.")
 
 
 @app.command("train-expert")
@@ -85,6 +117,7 @@ def train_expert_cmd(
     precision: str = "auto",
     seed: int = 0,
     resume: bool = False,
+    overwrite: Annotated[bool, _OVERWRITE] = False,
     run_dir: Annotated[Path | None, typer.Option(help="Checkpoints and metrics.jsonl (default OUT-run).")] = None,
     device: str | None = None,
     dtype: DtypeOption = "float32",
@@ -98,10 +131,24 @@ def train_expert_cmd(
         lora = LoraOptions(  # checked before the model loads
             rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",")], dropout=lora_dropout
         )
-        rank_id, model, tokenizer, train_ds, eval_ds, args = _prepare(
-            base, device, data, eval, max_length, out, run_dir, options, dtype, quantize, kind="adapter"
-        )
-        records = train_expert(model, train_ds, eval_ds, args, lora, pad_token_id=_pad_id(tokenizer))
+        with ExitStack() as hold:
+            rank_id, model, tokenizer, train_ds, eval_ds, args = _prepare(
+                base,
+                device,
+                data,
+                eval,
+                max_length,
+                out,
+                run_dir,
+                options,
+                dtype,
+                quantize,
+                "adapter",
+                overwrite,
+                (),
+                hold,
+            )
+            records = train_expert(model, train_ds, eval_ds, args, lora, pad_token_id=_pad_id(tokenizer))
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
         return
@@ -148,6 +195,7 @@ def train_gate_cmd(
     precision: str = "auto",
     seed: int = 0,
     resume: bool = False,
+    overwrite: Annotated[bool, _OVERWRITE] = False,
     run_dir: Annotated[Path | None, typer.Option(help="Checkpoints and metrics.jsonl (default OUT-run).")] = None,
     device: str | None = None,
     dtype: DtypeOption = "float32",
@@ -164,23 +212,38 @@ def train_gate_cmd(
         options = {k: v for k, v in locals().items() if k in TRAIN_KEYS}
         options.update(entropy_weight=entropy_weight, balance_weight=balance_weight, route_weight=route_weight)
         options["route_only"] = comma_list(route_only)
-        rank_id, model_base, tokenizer, train_ds, eval_ds, args = _prepare(
-            base, device, data, eval, max_length, out, run_dir, options, dtype, quantize
-        )
-        config = XLoraConfig(
-            xlora_depth=depth,
-            xlora_size=size,
-            xlora_dropout_p=dropout,
-            layerwise_scalings=layerwise,
-            enable_softmax=softmax,
-            softmax_temperature=temperature,
-            top_k_lora=top_k,
-            enable_softmax_topk=softmax_topk,
-            scaling_pass_layers=scaling_pass_layers,
-        )
-        torch.manual_seed(seed)  # classifier init
-        model = XLoraModel.from_experts(model_base, parse_experts(experts), config, base_model_id=base)
-        records = train_gate(model, train_ds, eval_ds, args, pad_token_id=_pad_id(tokenizer))
+        pairs = parse_experts(experts)
+        with ExitStack() as hold:  # the run directory's lock, held until the checkpoint is saved
+            rank_id, model_base, tokenizer, train_ds, eval_ds, args = _prepare(
+                base,
+                device,
+                data,
+                eval,
+                max_length,
+                out,
+                run_dir,
+                options,
+                dtype,
+                quantize,
+                "xlora",
+                overwrite,
+                tuple(p for _, p in pairs),
+                hold,
+            )
+            config = XLoraConfig(
+                xlora_depth=depth,
+                xlora_size=size,
+                xlora_dropout_p=dropout,
+                layerwise_scalings=layerwise,
+                enable_softmax=softmax,
+                softmax_temperature=temperature,
+                top_k_lora=top_k,
+                enable_softmax_topk=softmax_topk,
+                scaling_pass_layers=scaling_pass_layers,
+            )
+            torch.manual_seed(seed)  # classifier init
+            model = XLoraModel.from_experts(model_base, pairs, config, base_model_id=base)
+            records = train_gate(model, train_ds, eval_ds, args, pad_token_id=_pad_id(tokenizer))
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
         return

@@ -3,26 +3,46 @@
 A directory is replaced in steps: write `.NAME.tmp-*`, rename it to `.NAME.new-*` (complete from
 then on), move the old `NAME` to `.NAME.old-*`, rename the new one to `NAME`, delete the old one.
 Whatever fails, `NAME` is afterwards the old directory, untouched, or the complete new one;
-`recover_directory` finishes a replacement a kill interrupted. Leftovers carry the writer's pid and
-process start time, so those of dead processes are swept and a reused pid is not mistaken for them.
+`recover_directory` finishes a replacement a kill interrupted. Leftovers are named exactly
+`.NAME.KIND-PID-START-HEX8` (the writer's pid and process start time, so a reused pid is not mistaken
+for it) and hold the saver's marker file: only such folders, of dead processes, are ever swept or
+adopted; a user's `.NAME.old-backup/` is never touched. One save per destination at a time: an OS
+lock (`hold_lock`, POSIX flock) on `.NAME.lock`. `check_output` is the destination check of every writer.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from xlora.core.config import CheckpointError, read_json_object
 
 CONFIG_NAME = "xlora_config.json"  # the native checkpoint's config (io.py's layout)
 
 
+MARKER = ".xlora-save.json"  # written by the saver into every folder it makes beside the destination
+LOCK_SUFFIX = ".lock"
+KINDS = ("tmp", "new", "old")
+_LIVE_TAGS: set[str] = set()  # tags of this process's replacements in progress (other threads' too)
+
+
+class BusyError(CheckpointError):
+    """Another process (or thread) holds the lock of a destination or run directory."""
+
+
 def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a permission error means it does)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -30,12 +50,6 @@ def _pid_alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True
     return True
-
-
-def _siblings(path: Path, kind: str) -> list[Path]:
-    """Our leftovers of `path` of one kind ("tmp", "new" or "old"), oldest first."""
-    found = [p for p in path.parent.glob(f".{path.name}.{kind}-*") if p.is_dir()]
-    return sorted(found, key=lambda p: p.stat().st_mtime)
 
 
 def _start_time(pid: int) -> str:
@@ -47,43 +61,223 @@ def _start_time(pid: int) -> str:
         return "0"
 
 
-def _owner_alive(leftover: Path) -> bool:
-    """Leftovers are named `.NAME.KIND-PID-START-RANDOM`: is the process that made this one still running?
-    (A pid that now belongs to a process started at another time is not the owner.)"""
-    parts = leftover.name.rsplit(".", 1)[-1].split("-")
-    if len(parts) < 3 or not parts[1].isdigit():
-        return False
-    pid = int(parts[1])
-    if pid == os.getpid() or not _pid_alive(pid):
-        return False
-    return len(parts) < 4 or parts[2] == _start_time(pid)
+def _leftover_re(path: Path) -> re.Pattern[str]:
+    """The exact names of the saver's folders beside `path`: `.NAME.KIND-PID-START-HEX8`."""
+    return re.compile(rf"\.{re.escape(path.name)}\.(tmp|new|old)-(\d+)-(\d+)-([0-9a-f]{{8}})")
+
+
+def _write_marker(folder: Path, path: Path, kind: str, tag: str) -> None:
+    """Mark `folder` as the saver's own `kind` leftover of `path` (what recovery and sweeps require).
+
+    Written in place, not renamed: a marker cut by a kill is unreadable, so the folder counts as not
+    ours and is left alone (never deleted, never adopted)."""
+    data = {"saver": "xlora", "destination": path.name, "kind": kind, "tag": tag}
+    (folder / MARKER).write_text(json.dumps(data) + "\n")
+
+
+def _marker_of(folder: Path) -> dict:
+    """The saver's marker inside `folder` ({} when absent, unreadable or a symlink)."""
+    marker = folder / MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return {}
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _leftover(candidate: Path, path: Path) -> tuple[str, int, str, str] | None:
+    """(kind, pid, start, tag) when `candidate` is a folder the saver made for `path`, else None.
+
+    Ours means: the exact name pattern, a real folder (not a symlink), and our marker inside naming
+    the same destination, kind and tag. A user's `.ck.old-backup/` (or any look-alike) is never ours."""
+    m = _leftover_re(path).fullmatch(candidate.name)
+    if m is None or candidate.is_symlink() or not candidate.is_dir():
+        return None
+    kind, pid, start, rand = m.groups()
+    tag = f"{pid}-{start}-{rand}"
+    marker = _marker_of(candidate)
+    expected = {"saver": "xlora", "destination": path.name, "kind": kind, "tag": tag}
+    if any(marker.get(k) != v for k, v in expected.items()):
+        return None
+    return kind, int(pid), start, tag
+
+
+def leftovers(path: Path, kind: str) -> list[Path]:
+    """The saver's own leftovers of `path` of one kind ("tmp", "new" or "old"), oldest first."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    found = [p for p in path.parent.glob(f".{path.name}.{kind}-*") if (_leftover(p, path) or ("",))[0] == kind]
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def _owner_alive(leftover: Path, path: Path) -> bool:
+    """Is the process that made this leftover still running? (A reused pid with another start time is not
+    the owner; this process's own leftovers count as alive only while their replacement is running.)"""
+    parsed = _leftover(leftover, path)
+    if parsed is None:
+        return True  # not ours: never touched
+    _, pid, start, tag = parsed
+    if pid == os.getpid():
+        return tag in _LIVE_TAGS
+    return _pid_alive(pid) and start == _start_time(pid)
+
+
+def _promote(src: Path, path: Path) -> bool:
+    """Rename the saver's leftover `src` to `path` and drop its marker; False if another reader won."""
+    try:
+        os.replace(src, path)
+    except OSError:
+        if path.exists():
+            return False
+        raise
+    (path / MARKER).unlink(missing_ok=True)
+    return True
 
 
 def recover_directory(path: Path) -> str | None:
-    """Finish or undo a replacement that a crash interrupted, then sweep stale leftovers.
+    """Finish or undo a replacement that a crash interrupted, then sweep the saver's stale leftovers.
 
     `atomic_directory` replaces `path` in steps: write `.NAME.tmp-*`, rename it to `.NAME.new-*`
     (now complete), move the old `path` to `.NAME.old-*`, rename the new one to `path`. A kill
     between the last two steps leaves no `path`: the newest complete `.new-*` is put in place (else
-    the newest `.old-*` is put back). Returns what was done ("new" or "old") or None.
+    the newest `.old-*` is put back). Only folders the saver marked as its own are adopted or swept:
+    a user's folder of a similar name is never touched. Returns what was done ("new" or "old") or None.
     """
     path = Path(path)
     action = None
     if not path.exists():
         for kind in ("new", "old"):
-            candidates = [p for p in _siblings(path, kind) if not _owner_alive(p)]
-            if candidates:
-                src = candidates[-1]
-                src = src / "x" if (src / "x").is_dir() else src  # old layout kept the directory in old/x
-                os.replace(src, path)
+            candidates = [p for p in leftovers(path, kind) if not _owner_alive(p, path)]
+            if candidates and _promote(candidates[-1], path):
                 action = kind
                 break
     if path.exists():
-        for kind in ("tmp", "new", "old"):
-            for leftover in _siblings(path, kind):
-                if not _owner_alive(leftover):
-                    shutil.rmtree(leftover, ignore_errors=True)
+        remove_leftovers(path)
     return action
+
+
+def remove_leftovers(path: Path) -> None:
+    """Delete the saver's own leftovers of `path` whose process is gone (never a user's folder)."""
+    for kind in KINDS:
+        for leftover in leftovers(path, kind):
+            if not _owner_alive(leftover, path):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def move_aside(path: Path) -> Path:
+    """Rename `path` to a marked `.NAME.old-*` leftover of this process (swept by the next recovery)."""
+    path = Path(path)
+    tag = _tag()
+    aside = path.parent / f".{path.name}.old-{tag}"
+    _set_aside(path, aside, tag)
+    return aside
+
+
+def _set_aside(path: Path, aside: Path, tag: str) -> None:
+    """Move `path` to its `.old-*` name, marked first: a kill right after the rename leaves a marked leftover
+    (a kill before it, a stray marker inside `path`, which nothing reads and the next save replaces)."""
+    _write_marker(path, path, "old", tag)
+    try:
+        os.replace(path, aside)
+    except BaseException:
+        (path / MARKER).unlink(missing_ok=True)
+        raise
+
+
+def _tag() -> str:
+    """A fresh leftover tag of this process: PID-START-HEX8."""
+    return f"{os.getpid()}-{_start_time(os.getpid())}-{uuid.uuid4().hex[:8]}"
+
+
+# ---------------------------------------------------------------------- locks
+
+
+_HELD: dict[tuple[str, int], list] = {}  # (lock file, thread) -> [depth, fd]: re-entrant per thread
+
+
+def _holder_text(fd: int) -> str:
+    """What the lock file says about its holder, as 'pid P on HOST since TIME' (or 'unknown holder')."""
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {data['pid']} on {data['host']} since {data['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def _try_lock(lock_file: Path) -> int:
+    """An fd holding an exclusive flock on `lock_file` (the file now at that path), or None if held."""
+    import fcntl
+
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _busy(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the holder before us may have unlinked the file after we opened it: lock the current one
+            same = os.fstat(fd).st_ino == os.stat(lock_file).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _busy(fd: int) -> NoReturn:
+    """Raise BusyError naming the holder recorded in the lock file open at `fd` (closing it)."""
+    try:
+        holder = _holder_text(fd)
+    finally:
+        os.close(fd)
+    raise BusyError(holder)
+
+
+@contextmanager
+def hold_lock(lock_file: Path, busy: str) -> Iterator[None]:
+    """Hold an OS lock (flock) on `lock_file` for the block; the file records pid, host and start time.
+
+    Re-entrant within a thread. A second holder fails at once with BusyError `{busy} (pid P on HOST
+    since TIME)` instead of waiting: two writers of one destination are the caller's mistake, and a
+    wait could hang behind a stuck process. The kernel drops the lock when its process dies, so a
+    lock file left by a killed process never blocks. The holder removes the file when done.
+    """
+    key = (str(Path(lock_file).resolve()), threading.get_ident())
+    if key in _HELD:
+        _HELD[key][0] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][0] -= 1
+        return
+    try:
+        fd = _try_lock(Path(lock_file))
+    except BusyError as e:
+        raise BusyError(f"{busy} ({e})") from None
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
+    _HELD[key] = [1, fd]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        try:
+            os.unlink(lock_file)  # while still locked: a waiter that opened it retries on the new file
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def destination_lock(path: Path) -> Path:
+    """The lock file of a save destination: `.NAME.lock` beside it."""
+    path = Path(path)
+    return path.parent / f".{path.name}{LOCK_SUFFIX}"
 
 
 # What an existing directory must be for a save to replace it (an empty directory always may be).
@@ -151,48 +345,92 @@ def check_file_destination(path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def _overlaps(dest: Path, read: Path) -> bool:
+    """Whether writing `dest` could change `read`: the same path, inside it, or containing it."""
+    dest, read = dest.resolve(), read.resolve()
+    return dest == read or dest.is_relative_to(read) or read.is_relative_to(dest)
+
+
+def check_output(
+    path: str | os.PathLike[str],
+    overwrite: bool,
+    reads: Iterable[str | os.PathLike[str] | None] = (),
+    directory: bool = False,
+    replaces: str | None = None,
+) -> Path:
+    """The destination check of every writer (library and CLI), before any work.
+
+    Refuses, with errors naming the path as given: a destination that is, lies inside or contains
+    anything the command reads (`reads`: checkpoints, base models, experts, data; even with
+    `overwrite`), an existing destination without `overwrite` (--overwrite), and everything
+    `check_destination` (a folder: `directory=True`, of kind `replaces`) or `check_file_destination`
+    (a file) refuses.
+    """
+    given = str(path)
+    for read in reads:
+        if read is not None and _overlaps(Path(path), Path(read)):
+            raise CheckpointError(
+                f"{given}: is, lies inside or contains {read}, which this command reads; choose a destination "
+                "outside it"
+            )
+    if directory:
+        return check_destination(path, overwrite=overwrite, replaces=replaces)
+    check_file_destination(path)
+    if (Path(path).exists() or Path(path).is_symlink()) and not overwrite:
+        raise CheckpointError(f"{given}: already exists (pass overwrite=True / --overwrite to replace it)")
+    return Path(path)
+
+
 @contextmanager
-def atomic_directory(path: Path, overwrite: bool, replaces: str = "xlora") -> Iterator[Path]:
+def atomic_directory(path: Path, overwrite: bool, replaces: str | None = "xlora") -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path`, on failure it vanishes.
 
     Whatever fails (the work, a rename, a kill), `path` is afterwards either the old directory,
     untouched, or the complete new one; `recover_directory` finishes a replacement a kill interrupted.
+    The destination is locked for the whole replacement: a concurrent save to it fails at once with
+    "another save to PATH is running (pid ...)" (see `hold_lock`), never with a half-done rename.
     """
     path = Path(path)
     check_destination(path, overwrite=True, replaces=replaces)
-    recover_directory(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{_start_time(os.getpid())}-{uuid.uuid4().hex[:8]}"
+    busy = f"{path}: another save to it is running; wait for it to finish or save elsewhere"
+    with hold_lock(destination_lock(path), busy):
+        recover_directory(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
+        tag = _tag()
+        _LIVE_TAGS.add(tag)
+        try:
+            yield from _replace(path, tag)
+        finally:
+            _LIVE_TAGS.discard(tag)
+
+
+def _replace(path: Path, tag: str) -> Iterator[Path]:
+    """The steps of `atomic_directory` (lock held): marked tmp -> marked new -> swap -> drop the old."""
     tmp = path.parent / f".{path.name}.tmp-{tag}"
     tmp.mkdir()
     try:
+        _write_marker(tmp, path, "tmp", tag)
         yield tmp
         new = path.parent / f".{path.name}.new-{tag}"
-        os.replace(tmp, new)  # complete from here on: recover_directory may promote it
+        _write_marker(tmp, path, "new", tag)  # complete: recovery may adopt it once renamed
+        os.replace(tmp, new)
         tmp = new
-        _kill_point("new")
         if path.exists():
             old = path.parent / f".{path.name}.old-{tag}"
-            os.replace(path, old)
-            _kill_point("swap")
+            _set_aside(path, old, tag)
             try:
                 os.replace(new, path)
             except BaseException:
                 os.replace(old, path)  # put the old directory back before reporting the failure
+                (path / MARKER).unlink(missing_ok=True)
                 raise
+            (path / MARKER).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(new, path)
+            (path / MARKER).unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _kill_point(name: str) -> None:
-    """Test hook: SIGKILL this process at a named step of a replacement (XLORA_TEST_KILL_SAVE_AT)."""
-    if os.environ.get("XLORA_TEST_KILL_SAVE_AT") == name:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)

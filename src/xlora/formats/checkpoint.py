@@ -19,6 +19,7 @@ from xlora.formats.native import (
     StoredCheckpoint,
     check_classifier,
     check_classifier_names,
+    checkpoint_file,
     contents_of,
     read_native,
     write_native,
@@ -42,10 +43,11 @@ def detect_format(path: Path) -> str:
         recover_directory(path)  # a save killed between its two renames leaves the complete copy aside
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
-    if (path / CONFIG_NAME).is_file():
+    if checkpoint_file(path, CONFIG_NAME).is_file():
         return "native"
-    if (path / "adapter_config.json").is_file():
-        peft_type = str(read_json_object(path / "adapter_config.json").get("peft_type", "")).upper()
+    peft_config = checkpoint_file(path, "adapter_config.json")
+    if peft_config.is_file():
+        peft_type = str(read_json_object(peft_config).get("peft_type", "")).upper()
         if peft_type == "XLORA":
             return "peft"
         raise CheckpointError(
@@ -56,10 +58,17 @@ def detect_format(path: Path) -> str:
 
 
 def read_checkpoint(path: Path, adapters: ExpertSpec | None = None) -> StoredCheckpoint:
-    """Read a native or PEFT X-LoRA checkpoint directory."""
+    """Read a native or PEFT X-LoRA checkpoint directory.
+
+    A classifier with missing tensors (as PEFT >= 0.20 saves them) is refused here, before any
+    expert's weights are read, so that every reader (load, convert, export-ordering) gives the same
+    message and hint."""
     if detect_format(path) == "native":
-        return read_native(Path(path), adapters)
-    return read_peft(Path(path), adapters)
+        stored = read_native(Path(path), adapters)
+    else:
+        stored = read_peft(Path(path), adapters)
+    check_classifier_names(stored.classifier, stored.config, stored.classifier_path, stored.missing_hint)
+    return stored
 
 
 def load_checkpoint(
@@ -69,8 +78,7 @@ def load_checkpoint(
     classifier_dtype: torch.dtype | None = torch.float32,
 ) -> XLoraModel:
     """Rebuild an XLoraModel on `base` from a native or PEFT checkpoint directory."""
-    stored = read_checkpoint(Path(path), adapters)
-    check_classifier_names(stored.classifier, stored.config, stored.classifier_path, stored.missing_hint)
+    stored = read_checkpoint(Path(path), adapters)  # refuses a classifier with missing tensors
     experts, modules = load_experts(base, list(zip(stored.names, stored.expert_dirs)))
     # check the classifier before touching the base model
     if stored.config.hidden_size is None:

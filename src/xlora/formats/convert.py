@@ -15,13 +15,12 @@ from torch import nn
 
 from xlora.core.config import write_text_atomic
 from xlora.core.experts import check_experts, read_expert
+from xlora.formats.atomic import check_output
 from xlora.formats.checkpoint import read_checkpoint
 from xlora.formats.native import (
     CheckpointContents,
-    CheckpointError,
     StoredCheckpoint,
     check_classifier,
-    check_file_destination,
     copy_adapter_folder,
     to_original_keys,
     write_native,
@@ -50,6 +49,7 @@ def convert_checkpoint(src: Path, dst: Path, to: str, overwrite: bool = False) -
     """Convert `src` (native or PEFT) to `to` ("native" or "peft") at `dst`; return a per-tensor report."""
     if to not in ("native", "peft"):
         raise ValueError(f"--to: expected 'native' or 'peft', got {to!r}")
+    check_output(dst, overwrite, reads=[src], directory=True, replaces="xlora")
     stored = read_checkpoint(Path(src))
     if stored.config.hidden_size is None:
         first = next(iter(stored.classifier.values()))
@@ -69,9 +69,6 @@ def convert_checkpoint(src: Path, dst: Path, to: str, overwrite: bool = False) -
         base_model_id=stored.base_model_id,
         write_expert=lambda i, dest: copy_adapter_folder(stored.expert_dirs[i], dest),
     )
-    source, dest = Path(src).resolve(), Path(dst).resolve()
-    if dest == source or source.is_relative_to(dest) or dest.is_relative_to(source):
-        raise CheckpointError(f"{dst}: the destination must not be {src}, contain it or lie inside it")
     raw_by_norm = _source_names(stored)
     if to == "native":
         dest_names = to_original_keys(dict.fromkeys(state), stored.config)
@@ -138,9 +135,10 @@ def ordering(stored: StoredCheckpoint, base: nn.Module) -> dict:
     }
 
 
-def export_ordering(checkpoint: Path, out: Path, base_dir: Path) -> dict:
-    """Write the ordering file of `checkpoint` for the base model in `base_dir` (atomically)."""
-    check_file_destination(out)
+def export_ordering(checkpoint: Path, out: Path, base_dir: Path, overwrite: bool = False) -> dict:
+    """Write the ordering file of `checkpoint` for the base model in `base_dir` (atomically); an existing
+    `out` only with `overwrite`, and never inside the checkpoint or the base model folder."""
+    check_output(out, overwrite, reads=[checkpoint, base_dir])
     data = ordering(read_checkpoint(Path(checkpoint)), meta_base(Path(base_dir)))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(Path(out), json.dumps(data, indent=2) + "\n")

@@ -176,17 +176,27 @@ def load_classifier_state(path: Path) -> dict[str, torch.Tensor]:
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")
 
 
+def checkpoint_file(root: Path, name: str, what: str = "checkpoint") -> Path:
+    """`root / name`, refused if it leads outside `root` (a symlink or `..`): the one check before every read.
+
+    Every reader of a file that a checkpoint, adapter folder or run directory holds goes through this
+    (config, classifier, expert files, names file, results, run state), so a symlinked
+    `ck/a/adapter_config.json -> ~/.ssh/id_rsa` is never opened by any command. A missing file is
+    returned as is (the caller reports it in its own words).
+    """
+    path = Path(root) / name
+    if not (path.is_symlink() or path.exists()):
+        return path
+    resolved = path.resolve()
+    if not resolved.is_relative_to(Path(root).resolve()) or not resolved.is_file():
+        raise CheckpointError(f"{path}: leads outside its {what} folder (a symlink?); refusing to read it")
+    return path
+
+
 def adapter_files(src: Path) -> list[Path]:
     """The adapter files of a folder, refusing any that leads outside it (a symlink to ~/.ssh/...)."""
-    root = Path(src).resolve()
-    files = []
-    for fname in ADAPTER_FILES:
-        f = Path(src) / fname
-        if f.is_symlink() or f.exists():
-            if not f.resolve().is_relative_to(root) or not f.resolve().is_file():
-                raise CheckpointError(f"{f}: leads outside its adapter folder (a symlink?); refusing to read it")
-            files.append(f)
-    return files
+    files = [checkpoint_file(src, fname, "adapter") for fname in ADAPTER_FILES]
+    return [f for f in files if f.is_file()]
 
 
 def copy_adapter_folder(src: Path, dest: Path) -> None:
@@ -258,7 +268,7 @@ class StoredCheckpoint:
 
 def read_native_config(path: Path) -> tuple[XLoraConfig, list[str], dict]:
     """Read `xlora_config.json`: the config, the expert names in order, and the raw dict."""
-    cfg_path = path / CONFIG_NAME
+    cfg_path = checkpoint_file(path, CONFIG_NAME)
     if not cfg_path.is_file():
         raise CheckpointError(f"{path}: no {CONFIG_NAME}; expected an X-LoRA checkpoint directory")
     data = read_json_object(cfg_path)
@@ -329,9 +339,9 @@ def read_native(path: Path, adapters: ExpertSpec | None = None) -> StoredCheckpo
     stored = data.get("adapters") if isinstance(data.get("adapters"), dict) else {}
     candidates = [[path / n] + [p for p in [stored_expert_path(path, stored.get(n))] if p is not None] for n in names]
     dirs = resolve_expert_dirs(path, names, candidates, adapters)
-    clf_path = path / CLASSIFIER_NAME
+    clf_path = checkpoint_file(path, CLASSIFIER_NAME)
     if not clf_path.is_file():
-        clf_path = path / CLASSIFIER_PT_NAME
+        clf_path = checkpoint_file(path, CLASSIFIER_PT_NAME)
     if not clf_path.is_file():
         raise CheckpointError(f"{path}: no {CLASSIFIER_NAME} (or {CLASSIFIER_PT_NAME}); classifier weights missing")
     return StoredCheckpoint(

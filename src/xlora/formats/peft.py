@@ -27,6 +27,7 @@ from xlora.formats.native import (
     atomic_directory,
     check_destination,
     check_stored_fields,
+    checkpoint_file,
     load_classifier_state,
     resolve_expert_dirs,
     stored_expert_path,
@@ -75,7 +76,7 @@ def _is_plain_folder_name(key: str) -> bool:
 
 
 def read_peft(path: Path, adapters: ExpertSpec | None = None) -> StoredCheckpoint:
-    cfg_path = path / "adapter_config.json"
+    cfg_path = checkpoint_file(path, "adapter_config.json")
     data = read_json_object(cfg_path)
     stored = data.get("adapters")
     if not isinstance(stored, dict) or not stored:
@@ -83,7 +84,7 @@ def read_peft(path: Path, adapters: ExpertSpec | None = None) -> StoredCheckpoin
     gate = {k: v for k, v in data.items() if k not in PEFT_ONLY_FIELDS}
     config = XLoraConfig.from_dict(gate, source=str(cfg_path))
     keys = list(stored)
-    names_file = path / NAMES_FILE
+    names_file = checkpoint_file(path, NAMES_FILE)
     if names_file.is_file():
         names = read_json_object(names_file).get("names")
         if not isinstance(names, list) or len(names) != len(keys):
@@ -101,7 +102,8 @@ def read_peft(path: Path, adapters: ExpertSpec | None = None) -> StoredCheckpoin
         elsewhere = stored_expert_path(path, stored[key])
         candidates.append([own] + ([elsewhere] if elsewhere is not None else []))
     dirs = resolve_expert_dirs(path, names, candidates, adapters)
-    clf_path = next((p for p in (path / "adapter_model.safetensors", path / "adapter_model.bin") if p.is_file()), None)
+    weight_files = (checkpoint_file(path, name) for name in ("adapter_model.safetensors", "adapter_model.bin"))
+    clf_path = next((p for p in weight_files if p.is_file()), None)
     if clf_path is None:
         raise CheckpointError(f"{path}: no adapter_model.safetensors or .bin; classifier weights missing")
     raw = load_classifier_state(clf_path)

@@ -8,14 +8,15 @@ from safetensors import SafetensorError, safe_open
 
 from xlora.core.config import read_json_object
 from xlora.core.experts import _KEY_RE, ExpertError
-from xlora.formats.native import CONFIG_NAME, read_native_config
+from xlora.formats.native import CONFIG_NAME, checkpoint_file, read_native_config
 
 
 def _adapter_summary(name: str, folder: Path) -> dict[str, str | int]:
-    cfg = read_json_object(folder / "adapter_config.json")
+    """One expert's row: ranks, alpha, rsLoRA, module count and targets (files read via `checkpoint_file`)."""
+    cfg = read_json_object(checkpoint_file(folder, "adapter_config.json", "adapter"))
     ranks: set[int] = set()
     modules: set[str] = set()
-    st = folder / "adapter_model.safetensors"
+    st = checkpoint_file(folder, "adapter_model.safetensors", "adapter")
     if st.is_file():
         try:
             with safe_open(str(st), framework="pt") as f:
@@ -40,7 +41,7 @@ def _adapter_summary(name: str, folder: Path) -> dict[str, str | int]:
 def describe(path: Path) -> tuple[dict | None, list[dict]]:
     """(gate config or None, one summary per expert) for a checkpoint or a single adapter dir."""
     path = Path(path)
-    if (path / CONFIG_NAME).is_file():
+    if checkpoint_file(path, CONFIG_NAME).is_file():
         config, names, data = read_native_config(path)
         experts = []
         for name in names:  # names are checked by read_native_config: no separators, no ".."
@@ -53,6 +54,6 @@ def describe(path: Path) -> tuple[dict | None, list[dict]]:
         summary = config.to_dict()
         summary["base_model_id"] = data.get("base_model_id")
         return summary, experts
-    if (path / "adapter_config.json").is_file():
+    if checkpoint_file(path, "adapter_config.json", "adapter").is_file():
         return None, [_adapter_summary(path.name, path)]
     raise FileNotFoundError(f"{path}: neither an X-LoRA checkpoint ({CONFIG_NAME}) nor a PEFT adapter directory")

@@ -213,6 +213,9 @@ def run_dialogue(model, tok, cfg: AgentsConfig) -> tuple[list[dict], list[Triple
     return transcript, triples
 
 
+RUN_FILES = ("transcript.md", "triples.jsonl", "graph.graphml", "graph.png", "summary.json")  # what write_run writes
+
+
 def write_run(out: Path, cfg: AgentsConfig, transcript: list[dict], triples: list[Triple]) -> dict:
     """transcript.md, triples.jsonl, graph.graphml, graph.png and summary.json in `out`; the summary.
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+LOG_FIGURES = ("scalings_heatmap.png", "scalings_tokens.png")  # what `plot_log` writes
+
 
 def _plt():
     import matplotlib
@@ -113,13 +115,11 @@ def plot_log(log: Path, out_dir: Path) -> list[Path]:
         raise ValueError(f"{log}: the scalings log is empty")
     experts = meta["expert_names"]
     stacked = torch.cat([e[0] for e in entries], 0)  # [sum T, L, N]
-    paths = [heatmaps([("all logged tokens", stacked.mean(0))], experts, out_dir / "scalings_heatmap.png")]
+    paths = [heatmaps([("all logged tokens", stacked.mean(0))], experts, out_dir / LOG_FIGURES[0])]
     steps = [e[0, -1].mean(0) for e in entries if e.shape[1] == 1]
     if steps:
         w = torch.stack(steps)
         paths.append(
-            token_weights(
-                [("generation steps", [str(i) for i in range(len(w))], w)], experts, out_dir / "scalings_tokens.png"
-            )
+            token_weights([("generation steps", [str(i) for i in range(len(w))], w)], experts, out_dir / LOG_FIGURES[1])
         )
     return paths

@@ -6,6 +6,7 @@ import hashlib
 import inspect
 import json
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,8 +20,8 @@ from xlora.core.experts import linear_shape
 from xlora.core.multimodal import modules_outside_language_model
 from xlora.formats.native import ADAPTER_FILES, atomic_directory, check_destination
 from xlora.train.data import TokenizedDataset
-from xlora.train.loop import Regulariser, Trainer, TrainingArgs
-from xlora.train.run_state import folder_fingerprint
+from xlora.train.loop import Regulariser, Trainer, TrainingArgs, distributed
+from xlora.train.run_state import folder_fingerprint, run_lock
 
 if TYPE_CHECKING:
     from xlora.core.model import XLoraModel
@@ -115,6 +116,11 @@ def check_outputs(args: TrainingArgs, kind: str) -> None:
         )
 
 
+def lock_run(args: TrainingArgs) -> AbstractContextManager[None]:
+    """The run directory's lock (see `run_lock`), taken by the first process only (torchrun's others share it)."""
+    return run_lock(args.run_path) if distributed()[1] == 0 else nullcontext()
+
+
 def _keeps_logits(model: nn.Module) -> bool:
     """Whether the model's forward takes transformers' `logits_to_keep` (most causal LMs since 4.45)."""
     return "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -135,11 +141,24 @@ def train_expert(
 ) -> list[dict]:
     """Train one LoRA adapter with PEFT and save it (atomically) as a PEFT adapter directory at
     `args.output_dir`. The base model is restored (unloaded) afterwards. Returns the step log."""
-    from peft import LoraConfig, get_peft_model
-
     lora = lora or LoraOptions()
     check_lora_targets(base, lora.targets)
     check_outputs(args, "adapter")
+    with lock_run(args):
+        return _train_expert(base, train_dataset, eval_dataset, args, lora, pad_token_id)
+
+
+def _train_expert(
+    base: nn.Module,
+    train_dataset: TokenizedDataset,
+    eval_dataset: TokenizedDataset | None,
+    args: TrainingArgs,
+    lora: LoraOptions,
+    pad_token_id: int,
+) -> list[dict]:
+    """`train_expert` with the run directory locked."""
+    from peft import LoraConfig, get_peft_model
+
     torch.manual_seed(args.seed)  # LoRA A init
     config = LoraConfig(
         r=lora.rank,
@@ -272,6 +291,18 @@ def train_gate(
     """Train only the classifier (next-token loss on the second pass) and save the X-LoRA
     checkpoint at `args.output_dir`. Returns the step log."""
     check_outputs(args, "xlora")
+    with lock_run(args):
+        return _train_gate(model, train_dataset, eval_dataset, args, pad_token_id)
+
+
+def _train_gate(
+    model: XLoraModel,
+    train_dataset: TokenizedDataset,
+    eval_dataset: TokenizedDataset | None,
+    args: TrainingArgs,
+    pad_token_id: int,
+) -> list[dict]:
+    """`train_gate` with the run directory locked."""
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     experts = [
         {"name": name, "sha256": folder_fingerprint(model.expert_sources[name][0], ADAPTER_FILES[:3])[:16]}

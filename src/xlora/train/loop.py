@@ -17,7 +17,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from xlora.formats.atomic import remove_leftovers
 from xlora.train.data import IGNORE, TokenizedDataset, collate
 from xlora.train.run_state import (
     RunError,
@@ -345,8 +345,8 @@ class Trainer:
                 print(f"resumed from {folder} at step {step}/{self.total_steps}{note}")
             return
         if self.rank == 0:
-            for stale in (run / "metrics.jsonl", *run.glob(".checkpoint.*")):
-                _remove(stale)
+            _remove(run / "metrics.jsonl")
+            remove_leftovers(self.checkpoint_dir)  # the saver's own leftovers only, never a user's folder
             _remove(self.checkpoint_dir)  # a fresh run never resumes into another run's checkpoint
             write_run_identity(run, identity)
         if dist.is_initialized():
@@ -457,7 +457,6 @@ class Trainer:
         records = []
         bar = _progress(self.total_steps, self.step, enabled=self.args.progress and self.rank == 0)
         t0 = time.perf_counter()
-        kill_at = os.environ.get("XLORA_TEST_SIGKILL_AT_STEP")  # test hook: simulate a crash
         while self.step < self.total_steps:
             loss, tokens = self.train_step()
             self.step += 1
@@ -479,8 +478,6 @@ class Trainer:
                 bar.update(1)
             if self.args.save_every and self.step % self.args.save_every == 0:
                 self.save_state()
-            if kill_at and self.step == int(kill_at):
-                os.kill(os.getpid(), signal.SIGKILL)
         if bar is not None:
             bar.close()
         final_eval = self.evaluate()

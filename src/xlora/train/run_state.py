@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from xlora.formats.native import atomic_directory, recover_directory
+from xlora.formats.atomic import KINDS, MARKER, hold_lock, leftovers, move_aside, remove_leftovers
+from xlora.formats.native import atomic_directory, checkpoint_file
 
 CHECKPOINT = "checkpoint"
 WEIGHTS = "trainable.safetensors"
@@ -31,10 +33,25 @@ STATE = "state.pt"
 META = "meta.json"
 RUN_FILE = "run.json"
 METRICS = "metrics.jsonl"
+LOCK = "run.lock"  # held (flock) for a run's life; records the holder's pid, host and start time
 
 
 class RunError(ValueError):
     """A run directory cannot be resumed as asked; the message says what differs or is missing."""
+
+
+# ---------------------------------------------------------------------- the run's lock
+
+
+def run_lock(run: Path) -> AbstractContextManager[None]:
+    """Lock `run` for a run's whole life: a second run into it fails at once with one line naming the holder.
+
+    An OS lock (flock on `run/run.lock`): the kernel drops it when the holder dies, so a killed run
+    never blocks the next one (its --resume included). Re-entrant: the CLI takes it before loading
+    the model, the library again around the training."""
+    Path(run).mkdir(parents=True, exist_ok=True)
+    busy = f"{run}: another training run is using this run directory; wait for it, or use another --out / --run-dir"
+    return hold_lock(Path(run) / LOCK, busy)
 
 
 # ---------------------------------------------------------------------- identity
@@ -96,7 +113,7 @@ def identity_changes(old: dict, new: dict) -> list[str]:
 
 def check_run_identity(run: Path, identity: dict) -> None:
     """Refuse to resume `run` with anything that would mix two runs (arguments, model, experts, data)."""
-    path = Path(run) / RUN_FILE
+    path = checkpoint_file(run, RUN_FILE, "run directory")
     if not path.is_file():
         raise RunError(f"{path}: missing; cannot tell which run this checkpoint belongs to (start a new run dir)")
     try:
@@ -146,35 +163,38 @@ def _step_of(folder: Path) -> int | None:
 def find_checkpoint(run: Path) -> tuple[Path, int] | None:
     """The newest complete checkpoint of `run`, recovering it from a save a kill interrupted.
 
-    Candidates are `checkpoint/` and the leftovers of an interrupted replacement
-    (`.checkpoint.tmp-*` with meta.json, `.checkpoint.new-*`, `.checkpoint.old-*`); the one with
-    the highest step is moved to `checkpoint/` and the rest are swept.
+    Candidates are `checkpoint/` and the saver's own marked leftovers of an interrupted replacement
+    (`.checkpoint.tmp-*` with meta.json, `.checkpoint.new-*`, `.checkpoint.old-*`; see
+    `formats.atomic.leftovers`: a user's look-alike folder is never adopted); the one with the
+    highest step is moved to `checkpoint/` and the other leftovers are swept.
     """
     final = Path(run) / CHECKPOINT
     candidates = [final] if final.is_dir() else []
-    for kind in ("tmp", "new", "old"):
-        candidates += sorted(Path(run).glob(f".{CHECKPOINT}.{kind}-*"))
+    for kind in KINDS:
+        candidates += leftovers(final, kind)
     steps = [(s, c) for c in candidates if (s := _step_of(c)) is not None]
     if not steps:
         return None
     step, best = max(steps, key=lambda sc: (sc[0], sc[1] == final))
     if best != final:
         if final.exists():
-            aside = final.with_name(f".{CHECKPOINT}.old-x-superseded")  # no pid: swept below
-            os.replace(final, aside)
+            move_aside(final)  # a marked leftover of this process: swept below
         os.replace(best, final)
-    recover_directory(final)  # sweeps the other leftovers
+        (final / MARKER).unlink(missing_ok=True)
+    remove_leftovers(final)
     return final, step
 
 
 def read_checkpoint_files(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(trainable weights, optimiser/scheduler/RNG state) of a checkpoint folder; never runs code."""
+    weights_file = checkpoint_file(folder, WEIGHTS, "run checkpoint")
+    state_file = checkpoint_file(folder, STATE, "run checkpoint")
     try:
-        weights = load_file(str(folder / WEIGHTS))
+        weights = load_file(str(weights_file))
     except (SafetensorError, OSError) as e:
-        raise RunError(f"{folder / WEIGHTS}: not a readable safetensors file ({e})") from None
+        raise RunError(f"{weights_file}: not a readable safetensors file ({e})") from None
     try:
-        state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - the unpickler raises many kinds; all mean "not our file"
         raise RunError(
             f"{folder / STATE}: refused or unreadable (only tensors and plain values are accepted, "
@@ -187,7 +207,7 @@ def read_checkpoint_files(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def truncate_metrics(run: Path, step: int) -> int:
     """Drop metrics rows past `step` (written after the checkpoint a resumed run restarts from)."""
-    path = Path(run) / METRICS
+    path = checkpoint_file(run, METRICS, "run directory")
     if not path.is_file():
         return 0
     kept, dropped = [], 0
