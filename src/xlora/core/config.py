@@ -62,7 +62,7 @@ class XLoraConfig:
         """Every assignment after construction is validated (the old value stays on error), so that
         `config.softmax_temperature = 0` fails at once, naming the field, instead of giving NaN
         scalings later. Change dependent fields together with `update`."""
-        if not getattr(self, "_checked", False) or name.startswith("_"):
+        if not getattr(self, "_checked", False) or name not in _FIELD_NAMES:  # e.g. HF Trainer's use_cache
             object.__setattr__(self, name, value)
             return
         self.update(**{name: value})
@@ -175,6 +175,9 @@ class XLoraConfig:
     def from_json_file(cls, path: str | os.PathLike[str], ignore: tuple[str, ...] = ()) -> XLoraConfig:
         data = read_json_object(Path(path))
         return cls.from_dict(data, source=str(path), ignore=ignore)
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(XLoraConfig))
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

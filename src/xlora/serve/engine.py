@@ -23,15 +23,12 @@ from typing import Any
 import torch
 
 from xlora.core.checks import check_number
+from xlora.core.config import MAX_GLOBAL_SCALING_WEIGHT  # the library's bound, one rule for both
 from xlora.core.generation import SamplingOptions, iter_generate
 from xlora.core.generation import context_length as model_context
 from xlora.core.model import XLoraModel
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's int64 seed; torch accepts this range (negatives wrap)
-# |global_scaling_weight| bound for requests: 1 is the trained setting, 0 the base model. Ten times the
-# experts' deltas is already far from anything the model was trained on; huge weights overflow the
-# logits to inf/NaN and would fail the whole batch the request shares.
-MAX_GLOBAL_SCALING_WEIGHT = 10.0
 DEFAULT_CONTEXT = 2048  # the context assumed when the model's config does not state one
 # The longest `batch_wait_ms`: a batch waits up to 5 x this for company; beyond a minute that is a stall.
 MAX_BATCH_WAIT_MS = 60_000.0

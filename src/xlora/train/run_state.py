@@ -15,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,23 @@ def run_lock(run: Path) -> AbstractContextManager[None]:
     An OS lock (flock on `run/run.lock`): the kernel drops it when the holder dies, so a killed run
     never blocks the next one (its --resume included). Re-entrant: the CLI takes it before loading
     the model, the library again around the training."""
-    Path(run).mkdir(parents=True, exist_ok=True)
     busy = f"{run}: another training run is using this run directory; wait for it, or use another --out / --run-dir"
-    return hold_lock(Path(run) / LOCK, busy)
+    return _lock_made_folder(Path(run), busy)
+
+
+@contextmanager
+def _lock_made_folder(run: Path, busy: str) -> Iterator[None]:
+    """`hold_lock` in `run`, creating it if needed; a folder made here and left empty (the run failed
+    before writing anything, e.g. on a bad option) is removed again, so a refused run leaves nothing."""
+    made = not run.exists()
+    run.mkdir(parents=True, exist_ok=True)
+    try:
+        with hold_lock(run / LOCK, busy):
+            yield
+    finally:
+        if made:
+            with suppress(OSError):
+                run.rmdir()  # only if empty
 
 
 # ---------------------------------------------------------------------- identity
