@@ -33,4 +33,4 @@ __all__ = [
     "shipped_checkpoint",
     "xLoRAConfig",
 ]
-__version__ = "0.14.0"
+__version__ = "0.15.0"
