@@ -276,7 +276,7 @@ def test_pathological_pattern_regexes_fail_fast(tiny, tmp_path):
     t0 = time.perf_counter()  # hung the loader with Python's re (exponential backtracking)
     XLoraModel.from_experts(load_base(base_dir), {"chem": bad})
     assert time.perf_counter() - t0 < 30
-    import xlora.core.experts as experts_module
+    import xlora.core.adapter_config as experts_module
 
     cfg["alpha_pattern"] = {"q_proj": 4}
     (bad / "adapter_config.json").write_text(json.dumps(cfg))

@@ -14,11 +14,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import regex
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from xlora.core.adapter_config import (
+    ExpertError,
+    alpha_for,
+    check_adapter_config,
+    check_rank,
+    check_targets,
+)
 from xlora.core.config import XLoraConfigError, read_json_object
 from xlora.core.multimodal import modules_outside_language_model, outside_error_message
 
@@ -29,20 +35,12 @@ _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB
 # base_model.model.<module>.base_layer.weight: PEFT's full copy of a targeted lm_head/embedding
 _BASE_COPY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.base_layer\.weight$")
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@ -]*")  # used with fullmatch: no trailing newline
-# A module-name regex from a file gets this long to match one name: a pattern such as "(.|.)*Z"
-# backtracks exponentially and would hang the loader (checked with the `regex` module's timeout).
-PATTERN_TIMEOUT_S = 0.5
-MAX_PATTERN_CHARS = 500
 # |alpha / r| above this is no LoRA anyone trained: it only turns every logit into 0 or inf.
 MAX_SCALE = 1e4
 # Bound on how far an expert can move one weight entry: |scale * (B @ A)_ij| <= scale * r * max|B| * max|A|.
 # A trained LoRA moves weights by well under 1 (base weights are O(0.01-1)); 1e4 is far beyond any
 # fine-tune, and finite factors beyond it (a corrupt or hostile file) turn the logits into inf/NaN.
 MAX_DELTA = 1e4
-
-
-class ExpertError(ValueError):
-    """An expert adapter is unusable; the message names the expert, the file and the problem."""
 
 
 @dataclass
@@ -106,136 +104,6 @@ def normalize_expert_spec(experts: ExpertSpec) -> list[tuple[str, Path]]:
         seen.add(name)
         out.append((name, Path(path)))
     return out
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _check_adapter_config(cfg: dict, cfg_path: Path, name: str) -> None:
-    """Types and ranges of every adapter_config.json field we read, so that a bad value is an
-    ExpertError naming the file and field instead of a TypeError or re.error deep in loading."""
-
-    def fail(field: str, expected: str, got: object) -> None:
-        raise ExpertError(f"expert {name!r}: {cfg_path}: field {field!r}: expected {expected}, got {got!r}")
-
-    for flag in ("use_dora", "use_rslora", "lora_bias"):
-        if cfg.get(flag) is not None and not isinstance(cfg[flag], bool):
-            fail(flag, "true or false", cfg[flag])
-    if not isinstance(cfg.get("bias", "none"), str):
-        fail("bias", "'none'", cfg["bias"])
-    if "lora_alpha" in cfg and not (_is_number(cfg["lora_alpha"]) and cfg["lora_alpha"] > 0):
-        fail("lora_alpha", "a finite number > 0", cfg["lora_alpha"])
-    if "r" in cfg and not _is_positive_int(cfg["r"]):
-        fail("r", "an integer >= 1", cfg["r"])
-    if cfg.get("layer_replication"):
-        fail(
-            "layer_replication", "null (replicated layers change the base model's structure)", cfg["layer_replication"]
-        )
-    patterns = (("alpha_pattern", "a finite number > 0"), ("rank_pattern", "an integer >= 1"))
-    for field_name, expected in patterns:
-        pattern = cfg.get(field_name)
-        if pattern is None:
-            continue
-        if not isinstance(pattern, dict):
-            fail(field_name, "an object {module regex: value}", pattern)
-        for key, value in pattern.items():
-            if len(key) > MAX_PATTERN_CHARS:
-                fail(field_name, f"module name regexes of at most {MAX_PATTERN_CHARS} characters", key[:40] + "...")
-            try:
-                regex.compile(key)
-            except regex.error as e:
-                fail(field_name, f"module name regexes (key {key!r}: {e})", pattern)
-            ok = _is_positive_int(value) if field_name == "rank_pattern" else _is_number(value) and value > 0
-            if not ok:
-                fail(f"{field_name}[{key!r}]", expected, value)
-
-
-def _pattern_value(module: str, pattern: dict | None, where: str) -> tuple[str, object] | None:
-    """PEFT's per-module override: the first key whose regex matches a dotted suffix of the name.
-
-    Matched with a time limit: a pathological pattern is an error, not a hang."""
-    for key, value in (pattern or {}).items():
-        try:
-            hit = regex.fullmatch(rf"(.*\.)?(?:{key})", module, timeout=PATTERN_TIMEOUT_S)
-        except TimeoutError:
-            raise ExpertError(
-                f"{where}: regex {key!r} takes over {PATTERN_TIMEOUT_S} s to match {module!r} "
-                "(catastrophic backtracking); use a plain module-name pattern"
-            ) from None
-        if hit:
-            return key, value
-    return None
-
-
-def _targeted(module: str, targets: object, field: str, where: str) -> bool:
-    """PEFT's rule: a string is a regex over the whole module name, a list holds name suffixes."""
-    if isinstance(targets, str):
-        try:
-            return regex.fullmatch(targets, module, timeout=PATTERN_TIMEOUT_S) is not None
-        except TimeoutError:
-            raise ExpertError(f"{where}: field {field!r}: regex takes over {PATTERN_TIMEOUT_S} s to match") from None
-        except regex.error as e:
-            raise ExpertError(f"{where}: field {field!r}: not a valid regex ({e})") from None
-    if isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets):
-        return any(module == t or module.endswith("." + t) for t in targets)
-    raise ExpertError(f"{where}: field {field!r}: expected a regex string or a list of module names, got {targets!r}")
-
-
-def _layer_index(module: str, pattern: object) -> int | None:
-    """The decoder layer number in a module name (`...layers.3.self_attn...` -> 3), as PEFT finds it."""
-    names = [pattern] if isinstance(pattern, str) else list(pattern) if isinstance(pattern, list) else []
-    alternatives = "|".join(re.escape(n) for n in names) or r"[^.]+"
-    m = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", module)
-    return int(m.group(1)) if m else None
-
-
-def _check_targets(cfg: dict, modules: list[str], cfg_path: Path, file: Path, name: str) -> None:
-    """Every module with tensors must be one the config targets: PEFT adapts the targets and drops
-    other tensors (with a warning), so a disagreement means the file is not what it says it is."""
-    where = f"expert {name!r}: {cfg_path}"
-    targets, excluded = cfg.get("target_modules"), cfg.get("exclude_modules")
-    layers = cfg.get("layers_to_transform")
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    if layers is not None and not (isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
-        raise ExpertError(
-            f"{where}: field 'layers_to_transform': expected an integer or a list of them, got {layers!r}"
-        )
-    for module in modules:
-        problem = None
-        if targets not in (None, "all-linear") and not _targeted(module, targets, "target_modules", where):
-            problem = f"is not matched by field 'target_modules' {targets!r}"
-        elif excluded and _targeted(module, excluded, "exclude_modules", where):
-            problem = f"is excluded by field 'exclude_modules' {excluded!r}"
-        elif layers and _layer_index(module, cfg.get("layers_pattern")) not in layers:
-            problem = f"is outside field 'layers_to_transform' {layers}"
-        if problem:
-            raise ExpertError(
-                f"{where}: module {module} has LoRA tensors in {file} but {problem}; PEFT would drop "
-                "those tensors, so the config and the weights disagree (fix target_modules or retrain)"
-            )
-
-
-def _alpha_for(module: str, cfg: dict, where: str = "alpha_pattern") -> float:
-    """PEFT's per-module alpha: the first `alpha_pattern` key matching the module name's suffix."""
-    hit = _pattern_value(module, cfg.get("alpha_pattern"), where)
-    return float(hit[1] if hit else cfg.get("lora_alpha", 8))
-
-
-def _check_rank(module: str, rank: int, cfg: dict, cfg_path: Path, name: str) -> None:
-    """The tensors' rank must be the one the config declares (`rank_pattern`, else `r`), as PEFT requires."""
-    hit = _pattern_value(module, cfg.get("rank_pattern"), f"expert {name!r}: {cfg_path}: field 'rank_pattern'")
-    field_name, declared = (f"rank_pattern[{hit[0]!r}]", hit[1]) if hit else ("r", cfg.get("r"))
-    if declared is not None and declared != rank:
-        raise ExpertError(
-            f"expert {name!r}: module {module} has LoRA rank {rank} in its tensors but {cfg_path} "
-            f"field {field_name!r} says {declared}"
-        )
 
 
 def _read_tensor_file(path: Path, name: str) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -308,7 +176,7 @@ def read_expert(name: str, path: str | Path) -> LoraExpert:
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise ExpertError(f"expert {name!r}: {cfg_path} has peft_type {peft_type!r}; expected 'LORA'")
-    _check_adapter_config(cfg, cfg_path, name)
+    check_adapter_config(cfg, cfg_path, name)
     if cfg.get("use_dora"):
         raise ExpertError(f"expert {name!r}: DoRA adapters (use_dora=true in {cfg_path}) are not supported")
     if cfg.get("modules_to_save"):
@@ -352,8 +220,8 @@ def read_expert(name: str, path: str | Path) -> LoraExpert:
         r = a.shape[0]
         if r == 0:
             raise ExpertError(f"expert {name!r}: module {module} has rank 0 in {file} (lora_A {tuple(a.shape)})")
-        _check_rank(module, r, cfg, cfg_path, name)
-        alpha = _alpha_for(module, cfg, f"expert {name!r}: {cfg_path}: field 'alpha_pattern'")
+        check_rank(module, r, cfg, cfg_path, name)
+        alpha = alpha_for(module, cfg, f"expert {name!r}: {cfg_path}: field 'alpha_pattern'")
         expert.scales[module] = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         if expert.scales[module] > MAX_SCALE:
             raise ExpertError(
@@ -365,7 +233,7 @@ def read_expert(name: str, path: str | Path) -> LoraExpert:
     extra_b = set(b_parts) - set(a_parts)
     if extra_b:
         raise ExpertError(f"expert {name!r}: module {sorted(extra_b)[0]} has lora_B but no lora_A in {file}")
-    _check_targets(cfg, expert.modules, cfg_path, file, name)
+    check_targets(cfg, expert.modules, cfg_path, file, name)
     return expert
 
 
