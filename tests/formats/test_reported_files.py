@@ -164,7 +164,7 @@ def test_recovery_never_adopts_a_users_folder(model, tiny, tmp_path):
 
 
 def test_a_concurrent_save_to_the_same_folder_fails_clearly(model, tmp_path):
-    from xlora.formats.atomic import destination_lock, hold_lock
+    from xlora.formats.locks import destination_lock, hold_lock
 
     target = model.save_pretrained(tmp_path / "ck")
     before = tree(target)

@@ -24,7 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from xlora.formats.atomic import KINDS, MARKER, hold_lock, leftovers, move_aside, remove_leftovers
+from xlora.formats.atomic import KINDS, MARKER, leftovers, move_aside, remove_leftovers
+from xlora.formats.locks import hold_lock
 from xlora.formats.native import atomic_directory, checkpoint_file
 
 CHECKPOINT = "checkpoint"
