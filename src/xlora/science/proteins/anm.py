@@ -86,14 +86,16 @@ def normal_modes(
     """The lowest `n_modes` non-trivial eigenvalues [M] and unit eigenvectors [3L, M] (None: all 3L - 6).
 
     Raises DisconnectedNetwork when the network has more than the 6 trivial zero modes."""
+    ca = check_ca(ca)
+    available = 3 * ca.shape[0] - TRIVIAL_MODES
+    if n_modes is not None and not 0 < n_modes <= available:
+        raise ValueError(f"ANM: n_modes must be 1..{available}, got {n_modes}")
     values, vectors = np.linalg.eigh(hessian(ca, cutoff, gamma))  # [3L], [3L, 3L], ascending
     zeros = zero_mode_count(values)
     if zeros != TRIVIAL_MODES:
         raise DisconnectedNetwork(f"ANM: {zeros} zero modes, expected {TRIVIAL_MODES} (the network is not rigid)")
-    stop = values.size if n_modes is None else TRIVIAL_MODES + n_modes
-    if n_modes is not None and not 0 < n_modes <= values.size - TRIVIAL_MODES:
-        raise ValueError(f"ANM: n_modes must be 1..{values.size - TRIVIAL_MODES}, got {n_modes}")
-    return values[TRIVIAL_MODES:stop], vectors[:, TRIVIAL_MODES:stop]
+    stop = TRIVIAL_MODES + (available if n_modes is None else n_modes)
+    return values[TRIVIAL_MODES:stop], vectors[:, TRIVIAL_MODES:stop]  # [M], [3L, M]
 
 
 def lowest_frequency(ca: np.ndarray, cutoff: float = 15.0, gamma: float = 1.0) -> float:
