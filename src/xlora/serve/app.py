@@ -53,6 +53,7 @@ from xlora.serve.http import (
     GONE,
     MAX_BODY_BYTES,
     MIN_BODY_BYTES,
+    RETRY_AFTER_S,
     WATCH_KEY,
     BodyLimit,
     DisconnectWatch,
@@ -61,6 +62,7 @@ from xlora.serve.http import (
     error_response,
     field_problem,
 )
+from xlora.serve.metrics import ServerMetrics, StatusCount
 
 
 def check_app_options(
@@ -97,14 +99,19 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
         engine.shutdown()
 
     app = FastAPI(title="xlora", version=package_version("xlora"), lifespan=lifespan)
+    metrics = ServerMetrics(engine, model_name)
     app.add_middleware(DisconnectWatch)
+    app.add_middleware(StatusCount, count=metrics.count)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)  # added last, so it runs first
     experts = engine.model.expert_names
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
         kind = {404: "not_found_error", 429: "rate_limit_error"}.get(exc.status_code, "invalid_request_error")
-        return error_response(exc.status_code, str(exc.detail), kind)
+        response = error_response(exc.status_code, str(exc.detail), kind)
+        if exc.status_code == 429:  # back-pressure: a queue slot frees within about a batch's time
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
 
     @app.exception_handler(BadRequest)
     async def bad_request(_: Request, exc: BadRequest):
@@ -125,6 +132,11 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception):
         return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/health")
     async def health():
@@ -186,15 +198,15 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
         )
         ext = req.xlora or XLoraExtension()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        events = submit(gen, http.scope[WATCH_KEY])  # 429 before any byte is sent
+        created, arrived = int(time.time()), time.monotonic()
+        events = metrics.timed(until_last(submit(gen, http.scope[WATCH_KEY])), arrived)  # 429 before any byte
         if not req.stream:
             return await collect(events, req, ext, rid, created, n_prompt, chat)
         return StreamingResponse(sse(events, req, ext, rid, created, n_prompt, chat), media_type="text/event-stream")
 
     async def collect(events, req, ext, rid, created, n_prompt, chat):
         text, tokens, per_token, reason = "", 0, [], "length"
-        async for ev in until_last(events):
+        async for ev in events:
             if ev is GONE:
                 return Response(status_code=CLIENT_GONE)  # nobody reads it; the access log shows why
             if ev[0] == "error":
@@ -255,7 +267,7 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
         per_token, tokens = [], 0
         if chat:
             yield chunk(None, None, role=True)
-        async for ev in until_last(events):
+        async for ev in events:
             if ev is GONE:
                 return
             if ev[0] == "error":

@@ -180,6 +180,7 @@ class Engine:
         # How a step's events reach the consumers: called once per step with a function that emits
         # them all (the HTTP server hands this to its event loop: one wake-up per step, not per row).
         self.dispatch: Callable[[Callable[[], None]], None] = lambda fn: fn()
+        self.on_step: Callable[[int], None] = lambda rows: None  # rows decoded by each step (metrics)
         self.thread = threading.Thread(target=self._run, name="xlora-engine", daemon=True)
         self.thread.start()
 
@@ -304,6 +305,7 @@ class Engine:
                 stop_rows=stop,
             )
             for n, step in enumerate(steps, start=1):
+                self.on_step(done.count(False))
                 out: list[tuple[Request, tuple]] = []
                 for i, r in enumerate(batch):
                     if done[i]:

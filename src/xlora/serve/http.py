@@ -10,6 +10,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+RETRY_AFTER_S = 1  # the Retry-After of a 429: a queue slot frees as soon as a waiting request starts
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
 # Bounds of the body cap: under 1 KiB ordinary requests are refused, over 1 GiB one request can
 # make the server hold a gigabyte.
