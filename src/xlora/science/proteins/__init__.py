@@ -1,0 +1,1 @@
+"""Proteins: structures and sequences from installed packages, their labels, splits and oracles."""
