@@ -188,6 +188,7 @@ def test_queue_bound_gives_429(tiny, served):
     with TestClient(create_app(engine, NAME)) as http:
         r = http.post("/v1/completions", json={"model": NAME, "prompt": "w1", "max_tokens": 2})
     assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+    assert r.headers["retry-after"] == "1"  # back-pressure a client library can act on
 
 
 def test_disconnect_frees_the_row(served):

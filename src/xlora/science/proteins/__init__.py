@@ -1,1 +1,1 @@
-"""Protein mechanics: real structures from installed packages, an anisotropic network model, mechanics labels."""
+"""Proteins: structures and SCOPe sequences from installed packages, their labels, homology splits and oracles."""
