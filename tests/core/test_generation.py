@@ -104,7 +104,7 @@ def test_eos_stops_and_pads(model, padded_batch):
     ids, mask = padded_batch
     free = model.generate(ids, attention_mask=mask, max_new_tokens=10)
     eos = int(free[0, 12 + 2])  # the third token row 0 produces
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[eos, 999], pad_token_id=1)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[eos, eos], pad_token_id=1)
     row0 = out[0, 12:].tolist()
     cut = row0.index(eos)
     assert all(t == 1 for t in row0[cut + 1 :])

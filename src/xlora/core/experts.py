@@ -9,6 +9,7 @@ message before anything is built.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -89,6 +90,15 @@ def inside(root: Path, candidate: Path, what: str) -> Path:
 
 def normalize_expert_spec(experts: ExpertSpec) -> list[tuple[str, Path]]:
     """Turn a dict or a list of (name, path) pairs into checked (name, Path) pairs."""
+    form = "experts: expected {name: adapter directory} or (name, adapter directory) pairs"
+    if isinstance(experts, (str, os.PathLike)):
+        raise ExpertError(f"{form}, got the path {str(experts)!r} alone; name it, e.g. {{'chem': {str(experts)!r}}}")
+    if not isinstance(experts, (Mapping, Iterable)):
+        raise ExpertError(f"{form}, got {type(experts).__name__}")
+    if not isinstance(experts, Mapping) and any(
+        isinstance(p, (str, os.PathLike)) or not isinstance(p, Iterable) for p in experts
+    ):
+        raise ExpertError(f"{form}, got a list of {type(next(iter(experts))).__name__} (name each adapter)")
     pairs = list(experts.items()) if isinstance(experts, Mapping) else [tuple(p) for p in experts]
     if not pairs:
         raise ExpertError("no experts given: X-LoRA needs at least one LoRA adapter directory")

@@ -261,7 +261,11 @@ def iter_generate(
     opts.validate()
     model.config.validate(model.n_experts)  # fields assigned directly (not through the setters) too
     check_number("generate", "reuse_scalings_after", reuse_scalings_after, integer=True, low=1, optional=True)
-    check_prompt(input_ids, attention_mask, context_length(model), vocab=vocab_size(model.base))
+    vocab = vocab_size(model.base)
+    check_prompt(input_ids, attention_mask, context_length(model), vocab=vocab)
+    outside = [e for e in opts.eos_ids() if vocab is not None and e >= vocab]
+    if outside:  # generation could never stop on it
+        raise ValueError(f"generate: eos_token_id {outside[0]} is outside the vocabulary (0..{vocab - 1})")
     reuse_after = reuse_scalings_after if reuse_scalings_after is not None else model.config.reuse_scalings_after
     device = model.device
     ids = input_ids.to(device)

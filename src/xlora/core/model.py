@@ -81,6 +81,29 @@ def _checkpoint_io(which: str) -> Callable[..., Any]:
     return _CHECKPOINT_IO[which]
 
 
+def check_arguments(base: object, config: object, classifier_dtype: object) -> None:
+    """A TypeError naming the argument for a base, config or classifier dtype of the wrong kind."""
+    if not isinstance(base, nn.Module) or not hasattr(base, "get_input_embeddings"):
+        raise TypeError(f"base: expected a transformers causal LM (an nn.Module), got {type(base).__name__}")
+    if not isinstance(config, XLoraConfig):
+        hint = " (use XLoraConfig(**d))" if isinstance(config, dict) else ""
+        raise TypeError(f"config: expected an XLoraConfig, got {type(config).__name__}{hint}")
+    if classifier_dtype is not None and not (
+        isinstance(classifier_dtype, torch.dtype) and classifier_dtype.is_floating_point
+    ):
+        raise TypeError(f"classifier_dtype: expected a floating torch dtype or None, got {classifier_dtype!r}")
+
+
+def check_labels(labels: object, reference: torch.Tensor | None) -> None:
+    """`labels` must be token ids shaped like the input `[B, T]` (a ValueError naming them, not torch's)."""
+    if labels is None or reference is None:
+        return
+    want = list(reference.shape[:2])
+    if not isinstance(labels, torch.Tensor) or list(labels.shape) != want or labels.is_floating_point():
+        got = list(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels: expected integer token ids of shape {want} like input_ids, got {got}")
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
@@ -104,6 +127,7 @@ class XLoraModel(ScalingsAPI, nn.Module):
     ) -> None:
         """`classifier_dtype`: float32 by default, whatever the base's precision (the routing decision
         stays exact on bf16 or quantized bases); None runs it in the base's compute dtype."""
+        check_arguments(base, config, classifier_dtype)
         super().__init__()
         config = copy.deepcopy(config)
         hidden_size = int(text_config(base).hidden_size)  # a VLM's is its language model's
@@ -176,12 +200,14 @@ class XLoraModel(ScalingsAPI, nn.Module):
         or a vision-language model (Qwen2-VL, Idefics3): then only its language model's linears (and
         the LM head) are adapted, and an expert with vision-tower / projector tensors is refused
         (`xlora.core.multimodal`)."""
+        config = XLoraConfig() if config is None else config
+        check_arguments(base, config, classifier_dtype)  # before the experts are read against the base
         loaded, modules = load_experts(base, experts)
         return cls(
             base,
             loaded,
             modules,
-            config or XLoraConfig(),
+            config,
             base_model_id=base_model_id,
             classifier_dtype=classifier_dtype,
         )
@@ -204,6 +230,7 @@ class XLoraModel(ScalingsAPI, nn.Module):
 
         `format="native"` is the original package's layout (read by it and by mistral.rs);
         `format="peft"` is a directory that PEFT's `PeftModel.from_pretrained` loads."""
+        self._check_not_merged()
         return _checkpoint_io("save")(self, Path(path), overwrite=overwrite, format=format)
 
     def _freeze(self) -> None:
@@ -222,6 +249,7 @@ class XLoraModel(ScalingsAPI, nn.Module):
         for name, layer in zip(self.module_names, self._layers):
             _set_submodule(self.base, name, layer.base_layer)
         self._layers = []
+        self._unloaded = True  # every later call is refused: it would silently be the plain base model
         return self.base
 
     # ------------------------------------------------------------------ properties
@@ -270,6 +298,11 @@ class XLoraModel(ScalingsAPI, nn.Module):
         return None if coef is None else tuple(c[0, 0] for c in coef)  # each [R_l], broadcast over B, T
 
     def _check_not_merged(self) -> None:
+        if getattr(self, "_unloaded", False):
+            raise RuntimeError(
+                "XLoraModel: unload() gave its base model back, so this mixture no longer exists; "
+                "build it again (from_pretrained / from_experts) to use it"
+            )
         if self._merged:
             raise RuntimeError(
                 "XLoraModel: a generation in progress holds the experts merged into the base weights; "
@@ -360,6 +393,7 @@ class XLoraModel(ScalingsAPI, nn.Module):
             "inputs_embeds": inputs_embeds,
         }
         self._check_not_merged()
+        check_labels(labels, input_ids if input_ids is not None else inputs_embeds)
         check_image_keywords([k for k in kwargs if k.startswith(IMAGE_PREFIXES)], self.base, "forward()")
         shared = shared_inputs(self.base, input_ids, kwargs)  # image inputs: both passes
         check_vision_base(self.base, shared)
@@ -401,6 +435,8 @@ class XLoraModel(ScalingsAPI, nn.Module):
         if names is None:
             self._expert_mask = None
             return _MaskHandle(self, previous)
+        if not isinstance(names, (str, Sequence)):
+            raise ValueError(f"mask_experts: expected an expert name or a list of names, got {names!r}")
         chosen = [names] if isinstance(names, str) else list(names)  # a str is one name, not its letters
         wrong = [n for n in chosen if not isinstance(n, str)]
         if wrong:
