@@ -40,6 +40,7 @@ CONFIG_NAME = "xlora_config.json"
 CLASSIFIER_NAME = "xlora_classifier.safetensors"
 CLASSIFIER_PT_NAME = "xlora_classifier.pt"
 # Fields that native config files carry besides XLoraConfig's own (ours and the original package's).
+FORMAT_VERSION = 1  # `xlora_format` of the native layout this version writes and reads
 EXTRA_FIELDS = ("adapters", "base_model_id", "device", "model_type", "xlora_format")
 
 
@@ -242,7 +243,7 @@ def contents_of(model: XLoraModel) -> CheckpointContents:
 def write_native(contents: CheckpointContents, path: Path, overwrite: bool = True) -> Path:
     """Write the native layout atomically."""
     with atomic_directory(path, overwrite) as tmp:
-        extra = {"adapters": contents.names, "base_model_id": contents.base_model_id, "xlora_format": 1}
+        extra = {"adapters": contents.names, "base_model_id": contents.base_model_id, "xlora_format": FORMAT_VERSION}
         contents.config.to_json_file(tmp / CONFIG_NAME, extra=extra)
         save_file(to_original_keys(contents.classifier, contents.config), str(tmp / CLASSIFIER_NAME))
         for i, name in enumerate(contents.names):
@@ -281,6 +282,11 @@ def read_native_config(path: Path) -> tuple[XLoraConfig, list[str], dict]:
     if not names or len(set(names)) != len(names):
         raise XLoraConfigError(f"{cfg_path}: field 'adapters' must list distinct expert names, got {names!r}")
     check_stored_fields(config, len(names), data.get("base_model_id"), cfg_path, "base_model_id")
+    version = data.get("xlora_format", FORMAT_VERSION)
+    if version != FORMAT_VERSION:  # an unknown layout must not be read as if it were this one
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+        why = "newer than this xlora reads; upgrade xlora" if newer else "not a format xlora writes"
+        raise XLoraConfigError(f"{cfg_path}: field 'xlora_format' is {version!r}, {why} (it reads {FORMAT_VERSION})")
     return config, names, data
 
 
@@ -324,6 +330,12 @@ def resolve_expert_dirs(
     for name, options in zip(names, candidates):
         inside = [p for p in options if p.resolve().is_relative_to(root)]
         found = next((p for p in inside if p.is_dir()), None)
+        outside = next((p for p in options if p.is_dir() and p not in inside), None)
+        if found is None and outside is not None:
+            raise CheckpointError(
+                f"{path}: adapter folder {outside.name}/ for expert {name!r} leads outside the checkpoint "
+                f"(a symlink to {outside.resolve()}?); expert folders must be inside it, or pass adapters={{...}}"
+            )
         if found is None:
             raise CheckpointError(
                 f"{path}: adapter folder {options[0].name}/ for expert {name!r} is missing (expert folders "

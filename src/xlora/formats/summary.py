@@ -7,8 +7,21 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from xlora.core.config import read_json_object
-from xlora.core.experts import _KEY_RE, ExpertError
-from xlora.formats.native import CONFIG_NAME, checkpoint_file, read_native_config
+from xlora.core.experts import _KEY_RE, ExpertError, read_expert
+from xlora.formats.checkpoint import detect_format, read_checkpoint
+from xlora.formats.native import CONFIG_NAME, check_classifier, checkpoint_file, read_native_config
+
+
+def layout_of(path: Path) -> str | None:
+    """'native' or 'peft' for an X-LoRA checkpoint, None for a plain PEFT adapter; errors of
+    `detect_format` (a symlink out, a missing folder) are raised, as loading raises them."""
+    native = checkpoint_file(path, CONFIG_NAME)
+    adapter = checkpoint_file(path, "adapter_config.json", "adapter")
+    if not native.exists() and not adapter.exists():
+        raise FileNotFoundError(f"{path}: neither an X-LoRA checkpoint ({CONFIG_NAME}) nor a PEFT adapter directory")
+    if not native.exists() and str(read_json_object(adapter).get("peft_type", "LORA")).upper() != "XLORA":
+        return None
+    return detect_format(path)
 
 
 def _adapter_summary(name: str, folder: Path) -> dict[str, str | int]:
@@ -38,9 +51,26 @@ def _adapter_summary(name: str, folder: Path) -> dict[str, str | int]:
     }
 
 
+def verify(path: Path, single_adapter: bool) -> None:
+    """Run every check loading runs that needs no base model: the config, the classifier's tensors
+    (names, shapes, finiteness) and each expert's config and tensors; raise the loader's own error."""
+    if single_adapter:
+        read_expert(path.name, path)
+        return
+    stored = read_checkpoint(path)
+    experts = [read_expert(name, folder) for name, folder in zip(stored.names, stored.expert_dirs)]
+    modules = set().union(*(e.modules for e in experts))
+    if stored.config.hidden_size is not None:  # else the classifier's shape is only known from a base
+        check_classifier(
+            stored.classifier, stored.config, len(experts), len(modules), stored.classifier_path, stored.missing_hint
+        )
+
+
 def describe(path: Path) -> tuple[dict | None, list[dict]]:
-    """(gate config or None, one summary per expert) for a checkpoint or a single adapter dir."""
+    """(gate config or None, one summary per expert) for a checkpoint or a single adapter dir, after
+    `verify`: `xlora info` says what loading would refuse instead of showing a broken checkpoint."""
     path = Path(path)
+    verify(path, single_adapter=layout_of(path) is None)
     if checkpoint_file(path, CONFIG_NAME).is_file():
         config, names, data = read_native_config(path)
         experts = []
