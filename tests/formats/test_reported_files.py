@@ -252,3 +252,25 @@ def test_no_test_hook_lives_in_the_package():
     """Faults (a SIGKILL mid-save) are injected by the tests themselves, never through an environment variable."""
     offenders = [str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if "XLORA_TEST_" in p.read_text()]
     assert not offenders, offenders
+
+
+def test_an_interrupted_cleanup_leaves_a_marked_folder_the_sweep_still_owns(tiny_checkpoint, tmp_path, monkeypatch):
+    """The old copy is deleted marker last: a kill midway must not leave an unmarked copy forever."""
+    import shutil as real_shutil
+
+    import xlora.formats.atomic as atomic
+
+    folder = tmp_path / ".ck.old-1-2-deadbeef"
+    real_shutil.copytree(tiny_checkpoint[1], folder)
+    (folder / atomic.MARKER).write_text("{}")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies inside the first subfolder's removal
+
+    monkeypatch.setattr(atomic.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.remove_marked(folder)
+    assert (folder / atomic.MARKER).is_file()  # still the saver's, so the next save may sweep it
+    monkeypatch.undo()
+    atomic.remove_marked(folder)
+    assert not folder.exists()

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from xlora.core.config import CheckpointError, read_json_object
@@ -156,7 +156,24 @@ def remove_leftovers(path: Path) -> None:
     for kind in KINDS:
         for leftover in leftovers(path, kind):
             if not _owner_alive(leftover, path):
-                shutil.rmtree(leftover, ignore_errors=True)
+                remove_marked(leftover)
+
+
+def remove_marked(folder: Path) -> None:
+    """Delete a folder the saver made, its marker last: a kill midway leaves it still marked, so the
+    next save sweeps it (deleting the marker first left unmarked copies nothing would ever remove)."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for child in folder.iterdir():
+        if child.name == MARKER:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    (folder / MARKER).unlink(missing_ok=True)
+    with suppress(OSError):
+        folder.rmdir()
 
 
 def move_aside(path: Path) -> Path:
@@ -331,10 +348,10 @@ def _replace(path: Path, tag: str) -> Iterator[Path]:
                 (path / MARKER).unlink(missing_ok=True)
                 raise
             (path / MARKER).unlink(missing_ok=True)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_marked(old)
         else:
             os.replace(new, path)
             (path / MARKER).unlink(missing_ok=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_marked(tmp)
         raise
