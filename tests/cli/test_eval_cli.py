@@ -148,6 +148,15 @@ def test_eval_errors_are_one_line(setup, tmp_path):
         assert f"{bad}:1: {message}" in one_error_line(
             runner.invoke(app, ["eval", *common, "--task", "peptides", "--data", str(bad)])
         )
+    bad.write_bytes(b'{"task": "peptides", "prompt": "p \xff", "completion": "c", "meta": {}}\n')
+    assert f"{bad}:1: not valid UTF-8 (byte 0xff" in one_error_line(
+        runner.invoke(app, ["eval", *common, "--task", "peptides", "--data", str(bad)])
+    )
+    nan = {"task": "molecule-properties", "prompt": "p", "completion": "c", "meta": {"gap": float("nan"), "dipole": 1}}
+    bad.write_text(json.dumps(nan) + "\n")
+    assert "meta 'gap' must be a finite number, got nan" in one_error_line(
+        runner.invoke(app, ["eval", *common, "--task", "molecule-properties", "--data", str(bad)])
+    )
     bad.write_text("{not json\n")
     assert f"{bad}:1: not a JSON record" in one_error_line(
         runner.invoke(app, ["eval", *common, "--task", "peptides", "--data", str(bad)])

@@ -97,7 +97,7 @@ def test_metrics_on_hand_made_cases():
     assert score("anticancer", acp, ["non-anticancer: yes", "anticancer: no"])["acp_accuracy"] == 0.5
     with pytest.raises(ValueError, match="anticancer item 1: meta 'anticancer' must be true or false, got 'yes'"):
         score("anticancer", [Item("anticancer", "p", "", {"anticancer": "yes"})], ["anticancer: yes"])
-    with pytest.raises(ValueError, match="molecule-thermo item 2: meta 'cv' must be a number, got None"):
+    with pytest.raises(ValueError, match="molecule-thermo item 2: meta 'cv' must be a finite number, got None"):
         mean_baseline("molecule-thermo", [thermo[0], Item("molecule-thermo", "p", "", {"cv": None, "zpve": 1.0})], [])
     with pytest.raises(ValueError, match="anticancer item 1: its meta lacks anticancer"):
         score("anticancer", [Item("anticancer", "p", "", {})], ["anticancer: yes"])

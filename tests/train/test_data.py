@@ -68,6 +68,10 @@ def test_csv(tok, tmp_path):
         ('{"messages": [{"role": "user", "content": "w1"}]}\n', r"d.jsonl:1: no assistant message"),
         ('{"prompt": 3, "completion": "w2"}\n', r"d.jsonl:1: 'prompt' and 'completion' must be strings"),
         ("", r"d.jsonl: no records"),
+        (
+            '{"messages": [{"role": "robot", "content": "w1"}, {"role": "assistant", "content": "w2"}]}\n',
+            r"d.jsonl:1: message role 'robot': expected one of system, user, assistant",
+        ),
     ],
 )
 def test_malformed(tok, tmp_path, content, message):

@@ -25,6 +25,9 @@ import torch
 IGNORE = -100
 
 
+ROLES = ("system", "user", "assistant")
+
+
 class DataError(ValueError):
     """A data file or record is malformed; the message names the file and line."""
 
@@ -106,6 +109,8 @@ def _chat_example(tokenizer, messages: list[dict], where: str) -> Example:
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: each message needs string 'role' and 'content'")
+        if m["role"] not in ROLES:  # the server's roles: what chat templates commonly render
+            raise DataError(f"{where}: message role {m['role']!r}: expected one of {', '.join(ROLES)}")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message to learn from")
     if messages[0]["role"] == "assistant":

@@ -16,7 +16,12 @@ from xlora.science.tasks import TASKS, Item, mean_baseline, score
 def read_items(path: Path) -> list[Item]:
     """The JSONL records of an eval file, each checked to be {task, prompt, completion: text, meta: object}."""
     items = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for n, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                             "save the file as UTF-8") from None  # fmt: skip
         if not line.strip():
             continue
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 
@@ -53,8 +54,8 @@ def _check_meta(task: str, it: Item, n: int) -> None:
         v = it.meta[k]
         if k in _FLAGS and not isinstance(v, bool):
             raise ValueError(f"{task} item {n}: meta {k!r} must be true or false, got {v!r}")
-        if k in _NUMBERS and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise ValueError(f"{task} item {n}: meta {k!r} must be a number, got {v!r}")
+        if k in _NUMBERS and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ValueError(f"{task} item {n}: meta {k!r} must be a finite number, got {v!r}")
 
 
 _FLAGS = ("antimicrobial", "anticancer")
