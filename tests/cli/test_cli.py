@@ -282,3 +282,17 @@ def test_reproduce_options_are_checked_before_any_work(tok_base, tmp_path, monke
     args = ["reproduce", "--base", str(base_dir), "--out", str(out), "--work", str(work), *extra]
     assert message in one_error_line(runner.invoke(app, args))
     assert not work.exists() and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "-p", "w1", "--max-new-tokens", "0"], "Invalid value for '--max-new-tokens'"),
+        (["generate", "-p", "w1", "--bogus"], "No such option: --bogus"),
+        (["info"], "Missing argument 'path'"),
+    ],
+)
+def test_option_parsing_errors_are_one_line_too(args, message):
+    """Typer's own errors (ranges, unknown options, missing arguments) look like every other error."""
+    line = one_error_line(runner.invoke(app, args))
+    assert message in line and line.endswith("--help)")

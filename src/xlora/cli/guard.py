@@ -11,6 +11,7 @@ AssertionError, ...) keep their traceback. It also hides typer's `<bool>` after 
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -24,10 +25,15 @@ err = Console(stderr=True)
 EXIT_ERROR = 2
 
 
-def fail(message: str) -> None:
-    """Print `error: <message>` as one line (line breaks folded) and exit with code 2."""
+def print_error(message: str) -> None:
+    """Print `error: <message>` as one line (line breaks folded)."""
     line = "; ".join(part.strip() for part in message.splitlines() if part.strip())
     err.print(f"[red]error:[/red] {escape(line)}", soft_wrap=True, highlight=False)
+
+
+def fail(message: str) -> None:
+    """Print `error: <message>` as one line and exit with code 2."""
+    print_error(message)
     raise typer.Exit(code=EXIT_ERROR)
 
 
@@ -123,6 +129,32 @@ class GuardedGroup(TyperGroup):
     def format_help(self, ctx: Any, formatter: Any) -> None:
         _hide_flag_types(self, ctx)
         return super().format_help(ctx, formatter)
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Click's own errors (a bad option value, an unknown option) as one `error: ...` line too,
+        not a boxed panel: every error of every command looks the same (exit code 2)."""
+        try:  # typer >= 0.29 carries its own copy of click
+            from typer._click import exceptions as click_errors
+        except ImportError:  # pragma: no cover - older typer uses click itself
+            from click import exceptions as click_errors
+
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click_errors.UsageError as e:
+            message = e.format_message()
+            if message:  # empty: no arguments at all, and the help was just shown
+                command = e.ctx.command_path if e.ctx is not None else None
+                print_error(f"{message} (see {command} --help)" if command else message)
+            sys.exit(e.exit_code)
+        except click_errors.ClickException as e:
+            print_error(e.format_message())
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            print_error("aborted")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 class GuardedTyper(typer.Typer):
