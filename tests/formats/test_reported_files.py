@@ -274,3 +274,27 @@ def test_an_interrupted_cleanup_leaves_a_marked_folder_the_sweep_still_owns(tiny
     monkeypatch.undo()
     atomic.remove_marked(folder)
     assert not folder.exists()
+
+
+def test_a_pickled_payload_is_refused_in_one_line_without_torchs_advice(tiny_checkpoint, tmp_path):
+    """torch's refusal text explains how to run the payload; ours names the file and says nothing ran."""
+    from xlora.core.experts import ExpertError, read_expert
+
+    marker = tmp_path / "PWNED"
+    payload = b"\x80\x04cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint[1], ck)
+    (ck / "xlora_classifier.safetensors").unlink()
+    (ck / "xlora_classifier.pt").write_bytes(payload)
+    with pytest.raises(ValueError) as caught:
+        XLoraModel.from_pretrained(load_base(tiny_checkpoint[0]), ck)
+    expert = ck / "chem"
+    (expert / "adapter_model.safetensors").unlink()
+    (expert / "adapter_model.bin").write_bytes(payload)
+    with pytest.raises(ExpertError) as caught_expert:
+        read_expert("chem", expert)
+    for e in (caught.value, caught_expert.value):
+        text = str(e)
+        assert "holds code or objects other than tensors" in text and "nothing in it was run" in text
+        assert "\n" not in text and "weights_only" not in text
+    assert not marker.exists()

@@ -43,3 +43,29 @@ def check_number(
             ok = ok and (value > low if low_open else value >= low)
     if not ok:
         raise error(f"{where}: {arg}: expected {expected}, got {value!r}")
+
+
+def load_tensors_only(path: object) -> object:
+    """`torch.load(weights_only=True)` on CPU, with a refusal or a read error as one line that names the
+    file (torch's own text is several paragraphs and explains how to run the refused code)."""
+    import re
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's multi-line UserWarnings about the refused object
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the unpickler raises many kinds
+        text = str(e)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(
+            r"WeightsUnpickler error: ([^\n]+)", text
+        )
+        if type(e).__name__ == "UnpicklingError" or found:
+            what = f" ({found.group(1)})" if found else ""
+            raise ValueError(
+                f"{path}: holds code or objects other than tensors{what}; refused, nothing in it was run"
+            ) from None
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable PyTorch tensor file ({first})") from None

@@ -26,6 +26,7 @@ from xlora.core.adapter_config import (
     check_rank,
     check_targets,
 )
+from xlora.core.checks import load_tensors_only
 from xlora.core.config import XLoraConfigError, read_json_object
 from xlora.core.multimodal import modules_outside_language_model, outside_error_message
 
@@ -128,9 +129,9 @@ def _read_tensor_file(path: Path, name: str) -> tuple[Path, dict[str, torch.Tens
             ) from None
     if binf.is_file():
         try:
-            data = torch.load(str(binf), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises many kinds here
-            raise ExpertError(f"expert {name!r}: cannot read {binf} as a tensor state dict ({e})") from None
+            data = load_tensors_only(binf)
+        except ValueError as e:
+            raise ExpertError(f"expert {name!r}: {e}") from None
         if not isinstance(data, dict):
             raise ExpertError(f"expert {name!r}: {binf} is not a state dict")
         return binf, data

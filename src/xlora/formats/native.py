@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from xlora.core.checks import load_tensors_only
 from xlora.core.classifier import build_layers
 from xlora.core.config import CheckpointError, XLoraConfig, XLoraConfigError, read_json_object
 from xlora.core.experts import ExpertError, ExpertSpec, check_expert_name, normalize_expert_spec
@@ -163,9 +164,9 @@ def load_classifier_state(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a tensor state dict ({e})") from None
+        data = load_tensors_only(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors")
     return data

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from xlora.core.checks import load_tensors_only
 from xlora.formats.atomic import KINDS, MARKER, leftovers, move_aside, remove_leftovers
 from xlora.formats.locks import hold_lock
 from xlora.formats.native import atomic_directory, checkpoint_file
@@ -209,12 +210,9 @@ def read_checkpoint_files(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (SafetensorError, OSError) as e:
         raise RunError(f"{weights_file}: not a readable safetensors file ({e})") from None
     try:
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - the unpickler raises many kinds; all mean "not our file"
-        raise RunError(
-            f"{folder / STATE}: refused or unreadable (only tensors and plain values are accepted, "
-            f"never code): {str(e).splitlines()[0]}"
-        ) from None
+        state = load_tensors_only(state_file)
+    except ValueError as e:
+        raise RunError(f"{e} (a run state holds only tensors and plain values)") from None
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "torch_rng", "python_rng"} <= set(state):
         raise RunError(f"{folder / STATE}: expected the optimiser, scheduler and RNG state of an xlora run")
     return weights, state
