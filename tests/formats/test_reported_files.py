@@ -298,3 +298,21 @@ def test_a_pickled_payload_is_refused_in_one_line_without_torchs_advice(tiny_che
         assert "holds code or objects other than tensors" in text and "nothing in it was run" in text
         assert "\n" not in text and "weights_only" not in text
     assert not marker.exists()
+
+
+def test_wrong_kinds_of_path_say_what_they_are(tiny_checkpoint, tmp_path):
+    base_dir, ck = tiny_checkpoint
+    script = tmp_path / "mk.py"
+    script.write_text("x = 1\n")
+    with pytest.raises(CheckpointError, match=r"mk\.py: is a file; expected an X-LoRA checkpoint directory"):
+        XLoraModel.from_pretrained(load_base(base_dir), script)
+    odd = tmp_path / "odd"
+    shutil.copytree(ck, odd)
+    (odd / "xlora_config.json").unlink()
+    (odd / "xlora_config.json").mkdir()
+    r = runner.invoke(app, ["info", str(odd)])
+    assert r.exit_code == 2 and "xlora_config.json: is a directory or a special file" in r.output
+    r = runner.invoke(app, ["generate", "--base", "", "-p", "w1"])
+    assert r.exit_code == 2 and "base: must not be empty" in r.output
+    r = runner.invoke(app, ["plot-scalings", str(tmp_path / "nope.npz")])
+    assert r.exit_code == 2 and "nope.npz: scalings log file not found" in r.output

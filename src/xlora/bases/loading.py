@@ -191,6 +191,8 @@ def load_base(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not str(name_or_dir).strip():  # Path("") would silently become the working directory
+        raise ValueError("base: must not be empty; give 'default' (the embedded SmolLM2) or a model folder")
     torch_dtype = parse_dtype(dtype)
     compute = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
     quant = quantization_config(quantization, compute)

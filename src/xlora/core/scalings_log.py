@@ -71,7 +71,7 @@ def load_scalings_log(path: str | os.PathLike[str]) -> tuple[list[torch.Tensor],
         base = base.with_suffix("")
     map_path = base.with_name(base.name + "-mapping.json")
     npz_path = base.with_name(base.name + ".npz")
-    for p in (map_path, npz_path):
+    for p in (npz_path, map_path):  # the file the user names first
         if not p.is_file():
             raise FileNotFoundError(f"{p}: scalings log file not found (write it with flush_log_scalings)")
     from xlora.core.config import read_json_object

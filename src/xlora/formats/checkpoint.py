@@ -41,6 +41,8 @@ def detect_format(path: Path) -> str:
     path = Path(path)
     if not path.is_dir():
         recover_directory(path)  # a save killed between its two renames leaves the complete copy aside
+    if path.is_file():
+        raise CheckpointError(f"{path}: is a file; expected an X-LoRA checkpoint directory")
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
     if checkpoint_file(path, CONFIG_NAME).is_file():

@@ -190,8 +190,10 @@ def checkpoint_file(root: Path, name: str, what: str = "checkpoint") -> Path:
     if not (path.is_symlink() or path.exists()):
         return path
     resolved = path.resolve()
-    if not resolved.is_relative_to(Path(root).resolve()) or not resolved.is_file():
+    if not resolved.is_relative_to(Path(root).resolve()):
         raise CheckpointError(f"{path}: leads outside its {what} folder (a symlink?); refusing to read it")
+    if not resolved.is_file():
+        raise CheckpointError(f"{path}: is a directory or a special file; expected a regular file")
     return path
 
 
