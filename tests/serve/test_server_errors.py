@@ -414,3 +414,17 @@ def test_json_with_a_charset_or_a_json_suffix_is_accepted(client):
 def test_missing_fields_are_named(client, path, body, message, param):
     err = error_of(post(client, path, body), 400)
     assert err["message"] == message and err["param"] == param, err
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b'{"model": "x", "prompt": "\xff\xfe"}', "not valid UTF-8 (byte 0xff at position 26)"),
+        (b'{"model": "x", "metadata": ' + b"[" * 100000 + b"]" * 100000 + b', "prompt": "w1"}', "nested too deeply"),
+    ],
+    ids=["not-utf8", "too-deep"],
+)
+def test_a_body_that_cannot_be_parsed_says_why(client, content, needle):
+    headers = {"content-type": "application/json"}
+    err = error_of(client.post(COMPLETION_PATH, content=content, headers=headers), 400, needle)
+    assert "\n" not in err["message"], err

@@ -61,6 +61,7 @@ from xlora.serve.http import (
     body_problem,
     error_response,
     field_problem,
+    unparsable_body,
 )
 from xlora.serve.metrics import ServerMetrics, StatusCount
 
@@ -108,7 +109,7 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
         kind = {404: "not_found_error", 429: "rate_limit_error"}.get(exc.status_code, "invalid_request_error")
-        response = error_response(exc.status_code, str(exc.detail), kind)
+        response = error_response(exc.status_code, unparsable_body(exc) or str(exc.detail), kind)
         if exc.status_code == 429:  # back-pressure: a queue slot frees within about a batch's time
             response.headers["Retry-After"] = str(RETRY_AFTER_S)
         return response

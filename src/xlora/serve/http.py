@@ -190,6 +190,16 @@ def body_problem(errors: list[dict[str, Any]], content_type: str | None) -> str 
     return None
 
 
+def unparsable_body(exc: BaseException) -> str | None:
+    """Why FastAPI could not parse a body (its own text only says that it could not), or None."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} at position {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the request body is nested too deeply to parse; send a flatter JSON object"
+    return None
+
+
 def field_problem(error: dict[str, Any]) -> tuple[str, str]:
     """(one-line message, dotted field path) for a field FastAPI could not validate: `messages: field required`."""
     loc = tuple(error.get("loc", ()))
