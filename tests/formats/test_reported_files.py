@@ -316,3 +316,25 @@ def test_wrong_kinds_of_path_say_what_they_are(tiny_checkpoint, tmp_path):
     assert r.exit_code == 2 and "base: must not be empty" in r.output
     r = runner.invoke(app, ["plot-scalings", str(tmp_path / "nope.npz")])
     assert r.exit_code == 2 and "nope.npz: scalings log file not found" in r.output
+
+
+def test_a_full_disk_names_the_destination(tiny_checkpoint, tmp_path, monkeypatch):
+    """ENOSPC carries no file name; every writer says which destination it could not write."""
+    import errno
+
+    base_dir, ck = tiny_checkpoint
+    model = XLoraModel.from_pretrained(load_base(base_dir), ck)
+    real_write = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name.startswith(".") or "tmp" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    out = tmp_path / "ord.json"
+    r = runner.invoke(app, ["export-ordering", str(ck), "-o", str(out), "--base", str(base_dir)])
+    assert r.exit_code == 2 and f"{out}: cannot write it (No space left on device)" in r.output, r.output
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    with pytest.raises(OSError, match=rf"{re.escape(str(tmp_path / 'saved'))}: cannot write it \(No space left"):
+        model.save_pretrained(tmp_path / "saved")

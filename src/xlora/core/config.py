@@ -21,6 +21,14 @@ class XLoraConfigError(ValueError):
 MAX_GLOBAL_SCALING_WEIGHT = 10.0
 
 
+class WriteError(OSError):
+    """Writing a file or folder failed (disk full, read-only); the message names the destination."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno  # ENOSPC, EROFS, ... of the failure underneath
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory is unusable (or a destination unwritable); the message names the file."""
 
@@ -200,5 +208,9 @@ def read_json_object(path: Path) -> dict[str, Any]:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary sibling, then rename, so a crash never leaves a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:  # disk full, read-only: name the file, leave nothing half-written
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"{path}: cannot write it ({e.strerror or e})", e.errno) from None

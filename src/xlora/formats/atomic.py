@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from xlora.core.config import CheckpointError, read_json_object
+from xlora.core.config import CheckpointError, WriteError, read_json_object
 from xlora.formats.locks import BusyError, destination_lock, hold_lock  # noqa: F401 - BusyError re-exported
 
 CONFIG_NAME = "xlora_config.json"  # the native checkpoint's config (io.py's layout)
@@ -323,6 +323,10 @@ def atomic_directory(path: Path, overwrite: bool, replaces: str | None = "xlora"
         _LIVE_TAGS.add(tag)
         try:
             yield from _replace(path, tag)
+        except OSError as e:
+            if e.filename is not None:  # it names its file already
+                raise
+            raise WriteError(f"{path}: cannot write it ({e.strerror or e}); it is unchanged", e.errno) from None
         finally:
             _LIVE_TAGS.discard(tag)
 

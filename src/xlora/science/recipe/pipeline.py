@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from xlora.core.config import write_text_atomic
 from xlora.science.eval.testsets import TEST_KEYS, HoldoutSizes, write_test_sets
 from xlora.science.recipe.config import ReproduceConfig, config_from_manifest
 from xlora.science.recipe.splits import build_items, chat_record, gate_records
@@ -263,12 +264,6 @@ def stage_general(cfg: ReproduceConfig) -> Path:
     out = data / f"gate-train-general{cfg.gate_general}.jsonl"
     write_text_atomic(out, (data / "gate-train.jsonl").read_text() + "".join(json.dumps(r) + "\n" for r in rows))
     return out
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def run_settings(cfg: ReproduceConfig) -> dict:
