@@ -32,6 +32,13 @@ def _options(
         import os
 
         os.environ["XLORA_VERBOSE"] = "1"
+    else:
+        import logging
+
+        # bitsandbytes (imported by PEFT whenever it is installed) logs, on CPUs with AVX512-BF16, that an
+        # optional kernel download failed and suggests trust_remote_code: noise on a run that never
+        # quantizes, and advice a newcomer should not follow. --verbose shows it.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 # Base precision options, shared by every command that loads a base model.
