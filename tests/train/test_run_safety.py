@@ -78,6 +78,8 @@ def test_kill_between_the_two_renames_resumes_from_the_newest_checkpoint(train_s
     assert resumed.returncode == 0, resumed.stderr
     assert "at step 6/10" in resumed.stdout
     assert not list(run.glob(".checkpoint.*"))  # leftovers swept
+    again = cli(*gate_cli_args(train_setup, tmp_path / "part", *opts, "--resume"))  # a finished run: no --overwrite
+    assert again.returncode == 0 and "already exists" not in again.stderr, again.stderr
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))  # no step logged twice
     wa = load_file(str(tmp_path / "full" / "xlora_classifier.safetensors"))

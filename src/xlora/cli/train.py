@@ -79,7 +79,8 @@ def check_train_outputs(args, kind: str, overwrite: bool, reads: list) -> None:
     from xlora.formats.atomic import check_output
     from xlora.train.run_state import LOCK
 
-    check_output(args.output_dir, overwrite, reads=reads, directory=True, replaces=kind)
+    # --resume continues the run whose output this is: replacing it is the point, no --overwrite needed
+    check_output(args.output_dir, overwrite or bool(args.resume), reads=reads, directory=True, replaces=kind)
     run = args.run_path
     used = run.is_dir() and any(p.name != LOCK for p in run.iterdir())
     check_output(run, overwrite or bool(args.resume) or not used, reads=reads, directory=True)
