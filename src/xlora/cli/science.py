@@ -315,6 +315,27 @@ def make_test_sets(
     )
 
 
+@app.command("make-protein-data")
+def make_protein_data(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the protein-*.jsonl files go.")] = Path(
+        "xlora-proteins"
+    ),
+    seed: int = 0,
+    n_structure_train: Annotated[int, typer.Option(help="SCOPe domains to train on (each: 2 items).")] = 4000,
+    n_structure_test: Annotated[int, typer.Option(help="Held-out SCOPe domains (each: 2 items).")] = 200,
+    overwrite: Annotated[bool, typer.Option(help="Replace files already in --out.")] = False,
+) -> None:
+    """Write homology-split train/test files of the protein mechanics and structure tasks."""
+    from xlora.science.proteins.stage import FILES, write_protein_data
+
+    if n_structure_train < 1 or n_structure_test < 1:
+        _fail("--n-structure-train, --n-structure-test: expected integers >= 1")
+    check_files_out(out_dir, list(FILES), overwrite, reads=[])
+    record = write_protein_data(out_dir, seed, n_structure_train, n_structure_test)
+    counts = ", ".join(f"{name} {n}" for name, n in record["counts"].items())
+    out.print(f"wrote {out_dir}: {counts}", soft_wrap=True, highlight=False, markup=False)
+
+
 @app.command("plot-scalings")
 def plot_scalings(
     log: Annotated[Path, typer.Argument(help="The path given to flush_log_scalings.")],
