@@ -43,6 +43,8 @@ def loading_is_a_bug(monkeypatch) -> None:
         (["--port", "0"], "serve: --port: expected an integer >= 1 and <= 65535, got 0"),
         (["--port", "70000"], "serve: --port: expected an integer >= 1 and <= 65535, got 70000"),
         (["--device", "cdua"], "--device 'cdua': not a device name"),
+        (["--request-timeout-s", "0"], "serve: --request-timeout-s: expected a finite number > 0"),
+        (["--shutdown-grace-s", "-1"], "serve: --shutdown-grace-s: expected a finite number >= 0"),
     ],
 )
 def test_bad_options_are_one_line_before_loading(tiny_checkpoint, monkeypatch, options, needle):
@@ -77,7 +79,7 @@ def test_the_options_reach_the_engine_and_the_app(tiny_checkpoint, monkeypatch):
             made["engine"] = self
 
     def run(app_, host: str, port: int, **kwargs) -> None:
-        made["app"], made["address"] = app_, (host, port)
+        made["app"], made["address"], made["uvicorn"] = app_, (host, port), kwargs
         made["engine"].shutdown()
 
     monkeypatch.setattr("xlora.serve.engine.Engine", SpyEngine)
@@ -86,6 +88,7 @@ def test_the_options_reach_the_engine_and_the_app(tiny_checkpoint, monkeypatch):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     options = ["--max-batch", "3", "--max-queue", "5", "--batch-wait-ms", "7.5", "--reuse-scalings-after", "2"]
+    options += ["--request-timeout-s", "30", "--shutdown-grace-s", "4"]
     args = ["serve", "--checkpoint", str(checkpoint), "--base", str(base_dir), "--port", str(port), *options]
     result = runner.invoke(app, [*args, "--model-name", "mine"])
     assert result.exit_code == 0, result.output
@@ -93,5 +96,6 @@ def test_the_options_reach_the_engine_and_the_app(tiny_checkpoint, monkeypatch):
     assert (engine.max_batch, engine.max_queue, engine.reuse_scalings_after) == (3, 5, 2)
     assert engine.batch_wait_s == pytest.approx(0.0075)
     assert made["address"] == ("127.0.0.1", port) and "serving mine (" in result.output
+    assert made["uvicorn"]["timeout_graceful_shutdown"] == 4
     with TestClient(made["app"]) as http:
         assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["mine"]

@@ -78,6 +78,8 @@ def check_serve_options(
     max_body_bytes: int,
     dtype: str,
     quantize: str | None,
+    request_timeout_s: float | None = None,
+    shutdown_grace_s: float = 10.0,
 ) -> None:
     """Refuse `serve` options that would fail later, before anything loads: the Engine's and the app's own
     checks with the options spelled as flags, then the precision options, then the address."""
@@ -85,7 +87,8 @@ def check_serve_options(
     from xlora.serve.engine import check_engine_options
 
     check_engine_options(max_batch, max_queue, batch_wait_ms, reuse_scalings_after, where="serve", name=flag)
-    check_app_options(model_name, max_body_bytes, where="serve", name=flag)
+    check_app_options(model_name, max_body_bytes, where="serve", name=flag, request_timeout_s=request_timeout_s)
+    check_number("serve", flag("shutdown_grace_s"), shutdown_grace_s, low=0, high=3600)
     check_precision_options(dtype, quantize)
     check_listen_address(host, port)
 
@@ -107,6 +110,12 @@ def serve(
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present).")] = None,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body, else 413 (1 KiB to 1 GiB).")] = 1 << 20,
+    request_timeout_s: Annotated[
+        float | None, typer.Option(help="Longest a request may take, arrival to last token, else 504 (seconds).")
+    ] = None,
+    shutdown_grace_s: Annotated[
+        float, typer.Option(help="On Ctrl-C / SIGTERM, how long running requests may finish (seconds).")
+    ] = 10.0,
     dtype: DtypeOption = "float32",
     quantize: QuantizeOption = None,
 ) -> None:
@@ -122,8 +131,9 @@ def serve(
     checkpoint = checkpoint_path(checkpoint)
     name = model_name if model_name is not None else checkpoint.resolve().name
     check_serve_options(
-        host, port, max_batch, max_queue, batch_wait_ms, reuse_scalings_after, name, max_body_bytes, dtype, quantize
-    )
+        host, port, max_batch, max_queue, batch_wait_ms, reuse_scalings_after, name, max_body_bytes, dtype, quantize,
+        request_timeout_s, shutdown_grace_s,
+    )  # fmt: skip
     device = pick_device(device)
     detect_format(checkpoint)  # not a checkpoint: say so before the base loads
     model_base, tokenizer = load_base(base, device=device, dtype=dtype, quantization=quantize)
@@ -136,6 +146,8 @@ def serve(
         reuse_scalings_after=reuse_scalings_after,
         batch_wait_ms=batch_wait_ms,
     )
-    app_ = create_app(engine, name, max_body_bytes=max_body_bytes)
+    app_ = create_app(engine, name, max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s)
     out.print(f"serving {name} ({', '.join(model.expert_names)}) on http://{host}:{port}/v1", highlight=False)
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    # on SIGTERM / Ctrl-C uvicorn stops accepting, lets running requests finish for the grace period,
+    # then cancels the rest (their rows leave the batch); the engine then stops (app lifespan)
+    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_grace_s)

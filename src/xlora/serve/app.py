@@ -45,7 +45,7 @@ from xlora.serve.checks import (
     XLoraExtension,
     prepare,
 )
-from xlora.serve.engine import Engine, QueueFull
+from xlora.serve.engine import SHUTDOWN_MESSAGE, Engine, QueueFull, ShuttingDown
 from xlora.serve.engine import Request as GenRequest
 from xlora.serve.http import (
     CLIENT_GONE,
@@ -67,7 +67,11 @@ from xlora.serve.metrics import ServerMetrics, StatusCount
 
 
 def check_app_options(
-    model_name: object, max_body_bytes: object, where: str = "create_app", name: Callable[[str], str] = str
+    model_name: object,
+    max_body_bytes: object,
+    where: str = "create_app",
+    name: Callable[[str], str] = str,
+    request_timeout_s: object = None,
 ) -> None:
     """ValueError `<where>: <name(option)>: ...` for an app option that cannot work (`xlora serve` checks with it)."""
     if not isinstance(model_name, str) or not model_name.strip() or model_name != model_name.strip():
@@ -75,9 +79,19 @@ def check_app_options(
             f"{where}: {name('model_name')}: expected a non-empty name without surrounding spaces, got {model_name!r}"
         )
     check_number(where, name("max_body_bytes"), max_body_bytes, integer=True, low=MIN_BODY_BYTES, high=MAX_BODY_BYTES)
+    check_number(where, name("request_timeout_s"), request_timeout_s, low=0, low_open=True, high=MAX_TIMEOUT_S,
+                 optional=True)  # fmt: skip
 
 
-def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+MAX_TIMEOUT_S = 86400.0  # a day: beyond it a timeout protects nothing
+
+
+def create_app(
+    engine: Engine,
+    model_name: str,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    request_timeout_s: float | None = None,
+) -> FastAPI:
     """The FastAPI app serving `engine` under the model id `model_name`.
 
     `max_body_bytes` caps a request's body (default 1 MiB, about 250k tokens of English, far beyond
@@ -88,11 +102,14 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
     `{"error": {"message", "type", "param", "code"}}`: 400 for a bad request, 404 for an unknown
     model, 413 for a body over the cap, 429 for a full queue; 500 only for an internal fault.
     A body must be JSON sent as application/json (see the module docstring for why).
+    `request_timeout_s` bounds a request from its arrival to its last token: past it the request
+    leaves the engine and the client gets 504 (a stream: an error event); None waits as long as it takes.
+    A request that arrives while the engine shuts down gets 503 with Retry-After.
     Bad arguments raise at once: `check_app_options` here, `check_engine_options` in the Engine.
     """
     if not isinstance(engine, Engine):
         raise TypeError(f"create_app: engine: expected an xlora.serve.engine.Engine, got {type(engine).__name__}")
-    check_app_options(model_name, max_body_bytes)
+    check_app_options(model_name, max_body_bytes, request_timeout_s=request_timeout_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -110,7 +127,7 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
     async def http_error(_: Request, exc: StarletteHTTPException):
         kind = {404: "not_found_error", 429: "rate_limit_error"}.get(exc.status_code, "invalid_request_error")
         response = error_response(exc.status_code, unparsable_body(exc) or str(exc.detail), kind)
-        if exc.status_code == 429:  # back-pressure: a queue slot frees within about a batch's time
+        if exc.status_code in (429, 503):  # back-pressure: a queue slot frees within about a batch's time
             response.headers["Retry-After"] = str(RETRY_AFTER_S)
         return response
 
@@ -184,10 +201,15 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
             engine.submit(gen)
         except QueueFull as e:
             raise HTTPException(429, str(e)) from None
+        except ShuttingDown as e:
+            raise HTTPException(503, str(e)) from None
         except ValueError as e:  # the engine's own check (server checks should have caught it)
             raise BadRequest(str(e)) from None
         watch.on_end(lambda: leave(gen, events))  # at once if the client left while it was prepared
         return events
+
+    def deadline(arrived: float) -> float | None:
+        return None if request_timeout_s is None else arrived + request_timeout_s
 
     def weights_dict(w) -> dict[str, float]:
         return {name: round(float(x), 6) for name, x in zip(experts, w.tolist())}
@@ -200,7 +222,8 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
         ext = req.xlora or XLoraExtension()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created, arrived = int(time.time()), time.monotonic()
-        events = metrics.timed(until_last(submit(gen, http.scope[WATCH_KEY])), arrived)  # 429 before any byte
+        queue = submit(gen, http.scope[WATCH_KEY])  # 429 before any byte
+        events = metrics.timed(until_last(queue, deadline(arrived), lambda: engine.cancel(gen)), arrived)
         if not req.stream:
             return await collect(events, req, ext, rid, created, n_prompt, chat)
         return StreamingResponse(sse(events, req, ext, rid, created, n_prompt, chat), media_type="text/event-stream")
@@ -211,7 +234,8 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
             if ev is GONE:
                 return Response(status_code=CLIENT_GONE)  # nobody reads it; the access log shows why
             if ev[0] == "error":
-                return error_response(500, ev[1], "server_error")
+                status = 504 if ev[-1] == TIMEOUT_KIND else 503 if ev[1] == SHUTDOWN_MESSAGE else 500
+                return error_response(status, ev[1], "server_error")
             if ev[0] == "token":
                 tokens += 1
                 text += ev[2]
@@ -306,10 +330,22 @@ def create_app(engine: Engine, model_name: str, max_body_bytes: int = DEFAULT_MA
     return app
 
 
-async def until_last(events: asyncio.Queue) -> AsyncIterator[tuple]:
-    """A request's events up to and including its last: ("end", ...), ("error", ...) or GONE."""
+TIMEOUT_KIND = "timeout"
+
+
+async def until_last(
+    events: asyncio.Queue, deadline: float | None = None, on_timeout: Callable[[], None] = lambda: None
+) -> AsyncIterator[tuple]:
+    """A request's events up to and including its last: ("end", ...), ("error", ...) or GONE; past
+    `deadline` (time.monotonic) `on_timeout` runs (it cancels the engine's work) and an error event ends them."""
     while True:
-        ev = await events.get()
+        try:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            ev = await asyncio.wait_for(events.get(), timeout=left)
+        except asyncio.TimeoutError:
+            on_timeout()
+            yield ("error", "the request took longer than the server's request timeout", TIMEOUT_KIND)
+            return
         yield ev
         if ev is GONE or ev[0] in ("end", "error"):
             return

@@ -34,8 +34,15 @@ DEFAULT_CONTEXT = 2048  # the context assumed when the model's config does not s
 MAX_BATCH_WAIT_MS = 60_000.0
 
 
+SHUTDOWN_MESSAGE = "the server shut down before this request finished; retry it"
+
+
 class QueueFull(RuntimeError):
     """The waiting queue is at its bound (HTTP 429)."""
+
+
+class ShuttingDown(RuntimeError):
+    """The engine is stopping and takes no new request (HTTP 503)."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.cond = threading.Condition()
         self.stopping = False
+        self.abandon = False  # set after the shutdown grace period: running rows end with an error
         self.busy_rows = 0  # rows of the running batch still decoding
         self.cancelled_rows = 0  # rows stopped because their client went away
         self.eos_ids = self._eos_ids()
@@ -199,6 +207,8 @@ class Engine:
         if problem is not None:
             raise ValueError(problem)
         with self.cond:
+            if self.stopping:
+                raise ShuttingDown("the server is shutting down and takes no new requests; retry later")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the queue holds {self.max_queue} waiting requests; retry later")
             self.waiting.append(request)
@@ -216,11 +226,18 @@ class Engine:
                     del self.waiting[i]
                     break
 
-    def shutdown(self) -> None:
+    def shutdown(self, grace_s: float = 10.0) -> None:
+        """Stop: new requests are refused (ShuttingDown), waiting ones end at once with an error event,
+        the running batch may finish within `grace_s`; rows still decoding then end with an error too."""
         with self.cond:
             self.stopping = True
+            waiting, self.waiting = list(self.waiting), deque()
             self.cond.notify()
-        self.thread.join(timeout=10)
+        self._send([(r, ("error", SHUTDOWN_MESSAGE)) for r in waiting])
+        self.thread.join(timeout=grace_s)
+        if self.thread.is_alive():  # the batch outlived the grace period: its rows leave at the next step
+            self.abandon = True
+            self.thread.join(timeout=10)
 
     # ------------------------------------------------------------------ scheduler
 
@@ -313,6 +330,10 @@ class Engine:
                     if r.cancelled.is_set():
                         done[i], stop[i] = True, True
                         self.cancelled_rows += 1
+                        continue
+                    if self.abandon:
+                        done[i], stop[i] = True, True
+                        out.append((r, ("error", SHUTDOWN_MESSAGE)))
                         continue
                     token = int(step.tokens[i])
                     weights = None

@@ -1,0 +1,56 @@
+"""Request timeouts and shutdown: a slow request ends with 504 and leaves the engine; a stopping
+engine refuses new requests with 503 + Retry-After and ends waiting ones with an error."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi.testclient import TestClient
+from test_server import NAME, build_model
+
+from xlora.serve.app import create_app
+from xlora.serve.engine import SHUTDOWN_MESSAGE, Engine
+from xlora.serve.engine import Request as GenRequest
+
+
+def test_a_request_past_its_timeout_gets_504_and_leaves_the_engine(tiny):
+    model, tok = build_model(tiny)
+    engine = Engine(model, tok, max_batch=2)
+    slow = tok.decode
+
+    def slower(*args, **kwargs):  # about 20 ms per token: 200 tokens take seconds
+        time.sleep(0.02)
+        return slow(*args, **kwargs)
+
+    tok.decode = slower
+    with TestClient(create_app(engine, NAME, request_timeout_s=0.3)) as http:
+        t0 = time.monotonic()
+        body = {"model": NAME, "prompt": "w1", "max_tokens": 200}
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 504 and "request timeout" in r.json()["error"]["message"]
+        assert time.monotonic() - t0 < 3.0
+        for _ in range(100):  # the row leaves at the next step
+            if engine.busy_rows == 0:
+                break
+            time.sleep(0.02)
+        assert engine.busy_rows == 0
+        stream = http.post("/v1/completions", json={**body, "stream": True})
+        assert "request timeout" in stream.text and "[DONE]" not in stream.text
+    tok.decode = slow
+
+
+def test_shutdown_refuses_new_requests_and_ends_waiting_ones(tiny):
+    model, tok = build_model(tiny)
+    engine = Engine(model, tok)
+    time.sleep(0.2)  # the scheduler is now asleep on its condition, woken only by a notify
+    waiting = GenRequest(prompt_ids=[6], max_tokens=1)
+    events: list = []
+    waiting.emit = events.append
+    with engine.cond:
+        engine.waiting.append(waiting)  # queued without a notify: still waiting when shutdown comes
+    engine.shutdown()
+    assert events == [("error", SHUTDOWN_MESSAGE)]  # ended with a reason, never left hanging
+    assert not engine.thread.is_alive()
+    with TestClient(create_app(engine, NAME)) as http:
+        r = http.post("/v1/completions", json={"model": NAME, "prompt": "w1", "max_tokens": 2})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
