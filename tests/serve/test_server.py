@@ -181,10 +181,11 @@ def test_errors(served):
 def test_queue_bound_gives_429(tiny, served):
     _, model, tok, _ = served
     engine = Engine(model, tok, max_batch=1, max_queue=1)
-    engine.shutdown()  # nothing drains the queue now
+    time.sleep(0.2)  # the scheduler sleeps on its condition until a notify
     from xlora.serve.engine import Request
 
-    engine.waiting.append(Request(prompt_ids=[6], max_tokens=1))
+    with engine.cond:  # the queue is full, and nothing wakes the scheduler to drain it
+        engine.waiting.append(Request(prompt_ids=[6], max_tokens=1))
     with TestClient(create_app(engine, NAME)) as http:
         r = http.post("/v1/completions", json={"model": NAME, "prompt": "w1", "max_tokens": 2})
     assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
