@@ -99,3 +99,43 @@ def test_the_options_reach_the_engine_and_the_app(tiny_checkpoint, monkeypatch):
     assert made["uvicorn"]["timeout_graceful_shutdown"] == 4
     with TestClient(made["app"]) as http:
         assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["mine"]
+
+
+def test_several_checkpoints_share_one_base(tiny_checkpoint, monkeypatch):
+    """--checkpoint NAME=DIR repeated: one engine per mixture, the base weights loaded once."""
+    base_dir, checkpoint = tiny_checkpoint
+    made: dict = {"engines": []}
+
+    class SpyEngine(Engine):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made["engines"].append(self)
+
+    def run(app_, **kwargs) -> None:
+        made["app"] = app_
+        for engine in made["engines"]:
+            engine.shutdown()
+
+    monkeypatch.setattr("xlora.serve.engine.Engine", SpyEngine)
+    monkeypatch.setattr("uvicorn.run", run)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    common = ["serve", "--base", str(base_dir), "--port", str(port)]
+    result = runner.invoke(app, [*common, "--checkpoint", f"one={checkpoint}", "--checkpoint", f"two={checkpoint}"])
+    assert result.exit_code == 0, result.output
+    one, two = (e.model for e in made["engines"])
+
+    def base_weights(model):
+        return {p.data_ptr() for n, p in model.base.named_parameters() if "lora_" not in n}
+
+    assert base_weights(one) == base_weights(two)  # the base weights exist once
+    assert not {p.data_ptr() for p in one.classifier.parameters()} & {p.data_ptr() for p in two.classifier.parameters()}
+    with TestClient(made["app"]) as http:
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["one", "two"]
+    twice = runner.invoke(app, [*common, "--checkpoint", f"a={checkpoint}", "--checkpoint", f"a={checkpoint}"])
+    assert twice.exit_code == 2 and "model id 'a' is given twice" in twice.output
+    named = runner.invoke(
+        app, [*common, "--checkpoint", str(checkpoint), "--checkpoint", f"b={checkpoint}", "--model-name", "x"]
+    )
+    assert named.exit_code == 2 and "--model-name: only with one --checkpoint" in named.output

@@ -85,5 +85,8 @@ def test_create_app_refuses_bad_options(model_tok, kwargs, needle):
 
 
 def test_create_app_needs_an_engine():
-    with pytest.raises(TypeError, match="create_app: engine: expected an xlora.serve.engine.Engine, got str"):
+    with pytest.raises(
+        TypeError,
+        match="create_app: engine: expected an xlora.serve.engine.Engine or a mapping of model ids to them, got str",
+    ):
         create_app("engine", NAME)

@@ -93,9 +93,33 @@ def check_serve_options(
     check_listen_address(host, port)
 
 
+def parse_mixtures(items: list[str], model_name: str | None) -> dict[str, Path]:
+    """{model id: checkpoint dir} from `--checkpoint DIR` (id: --model-name or the folder name) or
+    repeated `--checkpoint NAME=DIR`; ids must be distinct, --model-name only with one checkpoint."""
+    if model_name is not None and len(items) > 1:
+        raise ValueError("serve: --model-name: only with one --checkpoint (name several as NAME=DIR)")
+    mixtures: dict[str, Path] = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if Path(item).is_dir():  # a folder whose name holds "=" (runs/lr=0.1) is a folder
+            name, sep, folder = "", "", item
+        if not sep:  # a plain folder: named by --model-name, else by the folder itself
+            folder = item
+        path = checkpoint_path(Path(folder))
+        if not sep:
+            name = model_name if model_name is not None else path.resolve().name
+        if name in mixtures:
+            raise ValueError(f"serve: --checkpoint: model id {name!r} is given twice; name them NAME=DIR")
+        mixtures[name] = path
+    return mixtures
+
+
 @app.command()
 def serve(
-    checkpoint: Annotated[Path, typer.Option(help="An X-LoRA checkpoint directory (native or PEFT).")],
+    checkpoint: Annotated[
+        list[str],
+        typer.Option(help="An X-LoRA checkpoint directory (native or PEFT); NAME=DIR, repeatable: several mixtures."),
+    ],
     base: Annotated[str, typer.Option(help="'default' (embedded SmolLM2) or a local HF model dir.")] = "default",
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (1 to 65535).")] = 8000,
@@ -128,26 +152,32 @@ def serve(
     from xlora.serve.app import create_app
     from xlora.serve.engine import Engine
 
-    checkpoint = checkpoint_path(checkpoint)
-    name = model_name if model_name is not None else checkpoint.resolve().name
-    check_serve_options(
-        host, port, max_batch, max_queue, batch_wait_ms, reuse_scalings_after, name, max_body_bytes, dtype, quantize,
-        request_timeout_s, shutdown_grace_s,
-    )  # fmt: skip
+    mixtures = parse_mixtures(checkpoint, model_name)  # {model id: checkpoint dir}
+    for name in mixtures:
+        check_serve_options(
+            host, port, max_batch, max_queue, batch_wait_ms, reuse_scalings_after, name, max_body_bytes, dtype,
+            quantize, request_timeout_s, shutdown_grace_s,
+        )  # fmt: skip
     device = pick_device(device)
-    detect_format(checkpoint)  # not a checkpoint: say so before the base loads
+    for path in mixtures.values():
+        detect_format(path)  # not a checkpoint: say so before the base loads
     model_base, tokenizer = load_base(base, device=device, dtype=dtype, quantization=quantize)
-    model = XLoraModel.from_pretrained(model_base, checkpoint)
-    engine = Engine(
-        model,
-        tokenizer,
-        max_batch=max_batch,
-        max_queue=max_queue,
-        reuse_scalings_after=reuse_scalings_after,
-        batch_wait_ms=batch_wait_ms,
-    )
-    app_ = create_app(engine, name, max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s)
-    out.print(f"serving {name} ({', '.join(model.expert_names)}) on http://{host}:{port}/v1", highlight=False)
+    from xlora.bases.sharing import shared_copy
+
+    bases = [model_base] + [shared_copy(model_base) for _ in range(len(mixtures) - 1)]  # one set of base weights
+    engines = {}
+    for (name, path), each in zip(mixtures.items(), bases):
+        model = XLoraModel.from_pretrained(each, path)
+        engines[name] = Engine(
+            model,
+            tokenizer,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            reuse_scalings_after=reuse_scalings_after,
+            batch_wait_ms=batch_wait_ms,
+        )
+        out.print(f"serving {name} ({', '.join(model.expert_names)}) on http://{host}:{port}/v1", highlight=False)
+    app_ = create_app(engines, max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s)
     # on SIGTERM / Ctrl-C uvicorn stops accepting, lets running requests finish for the grace period,
     # then cancels the rest (their rows leave the batch); the engine then stops (app lifespan)
     uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_grace_s)

@@ -24,7 +24,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from importlib.metadata import version as package_version
 from typing import Any
@@ -53,6 +53,7 @@ from xlora.serve.http import (
     GONE,
     MAX_BODY_BYTES,
     MIN_BODY_BYTES,
+    MODEL_KEY,
     RETRY_AFTER_S,
     WATCH_KEY,
     BodyLimit,
@@ -86,13 +87,31 @@ def check_app_options(
 MAX_TIMEOUT_S = 86400.0  # a day: beyond it a timeout protects nothing
 
 
+def as_engines(engine: Engine | Mapping[str, Engine], model_name: str | None) -> dict[str, Engine]:
+    """{model id: Engine}: one engine with its `model_name`, or a mapping of them (several mixtures)."""
+    if isinstance(engine, Engine):
+        return {model_name: engine}  # type: ignore[dict-item] - the name is checked by check_app_options
+    if not isinstance(engine, Mapping) or not engine:
+        raise TypeError(
+            f"create_app: engine: expected an xlora.serve.engine.Engine or a mapping of model ids to them, "
+            f"got {type(engine).__name__}"
+        )
+    if model_name is not None:
+        raise TypeError("create_app: model_name: not with a mapping of engines (its keys are the model ids)")
+    wrong = [type(e).__name__ for e in engine.values() if not isinstance(e, Engine)]
+    if wrong:
+        raise TypeError(f"create_app: engine: every value must be an Engine, got {wrong[0]}")
+    return dict(engine)
+
+
 def create_app(
-    engine: Engine,
-    model_name: str,
+    engine: Engine | Mapping[str, Engine],
+    model_name: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     request_timeout_s: float | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `engine` under the model id `model_name`.
+    """The FastAPI app serving `engine` under the model id `model_name`, or several mixtures:
+    `engine` a mapping {model id: Engine} (each request's `model` picks one; `/v1/models` lists all).
 
     `max_body_bytes` caps a request's body (default 1 MiB, about 250k tokens of English, far beyond
     the context of most models); a larger body is answered 413 before it is parsed, so one client
@@ -107,21 +126,22 @@ def create_app(
     A request that arrives while the engine shuts down gets 503 with Retry-After.
     Bad arguments raise at once: `check_app_options` here, `check_engine_options` in the Engine.
     """
-    if not isinstance(engine, Engine):
-        raise TypeError(f"create_app: engine: expected an xlora.serve.engine.Engine, got {type(engine).__name__}")
-    check_app_options(model_name, max_body_bytes, request_timeout_s=request_timeout_s)
+    engines = as_engines(engine, model_name)
+    for name in engines:
+        check_app_options(name, max_body_bytes, request_timeout_s=request_timeout_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
-        engine.shutdown()
+        for each in engines.values():
+            each.shutdown()
 
     app = FastAPI(title="xlora", version=package_version("xlora"), lifespan=lifespan)
-    metrics = ServerMetrics(engine, model_name)
+    metrics = ServerMetrics(engines)
     app.add_middleware(DisconnectWatch)
     app.add_middleware(StatusCount, count=metrics.count)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)  # added last, so it runs first
-    experts = engine.model.expert_names
+    experts_of = {name: e.model.expert_names for name, e in engines.items()}
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
@@ -156,19 +176,19 @@ def create_app(
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    def counts(e: Engine) -> dict[str, int]:
+        return {"waiting": len(e.waiting), "decoding": e.busy_rows, "cancelled": e.cancelled_rows}
+
     @app.get("/health")
     async def health():
-        return {
-            "status": "ok",
-            "waiting": len(engine.waiting),
-            "decoding": engine.busy_rows,
-            "cancelled": engine.cancelled_rows,
-            "base": base_info,
-        }
+        per_model = {name: counts(e) for name, e in engines.items()}
+        totals = {k: sum(c[k] for c in per_model.values()) for k in ("waiting", "decoding", "cancelled")}
+        first = next(iter(engines))
+        return {"status": "ok", **totals, "base": base_info[first], "models": per_model}
 
     from xlora.bases.loading import describe_base
 
-    base_info = describe_base(engine.model.base)
+    base_info = {name: describe_base(e.model.base) for name, e in engines.items()}
 
     @app.get("/v1/models")
     async def models():
@@ -176,22 +196,29 @@ def create_app(
             "object": "list",
             "data": [
                 {
-                    "id": model_name,
+                    "id": name,
                     "object": "model",
                     "created": 0,
                     "owned_by": "xlora",
-                    "experts": experts,
-                    "base": base_info,  # {"dtype", "quantization"} of the base model under the mixture
+                    "experts": experts_of[name],
+                    "base": base_info[name],  # {"dtype", "quantization"} of the base model under the mixture
                 }
+                for name in engines
             ],
         }
 
-    def leave(gen: GenRequest, events: asyncio.Queue) -> None:
+    def engine_for(model: str) -> Engine:
+        if model not in engines:
+            served = ", ".join(repr(n) for n in engines)
+            raise ModelNotFound(f"model {model!r} not found; this server serves {served}", "model")
+        return engines[model]
+
+    def leave(gen: GenRequest, events: asyncio.Queue, engine: Engine) -> None:
         """The client left: cancel its request in the engine and end its events with GONE."""
         engine.cancel(gen)
         events.put_nowait(GONE)
 
-    def submit(gen: GenRequest, watch: RequestWatch) -> asyncio.Queue:
+    def submit(gen: GenRequest, watch: RequestWatch, engine: Engine) -> asyncio.Queue:
         """Queue `gen` (429 when the queue is full); its events come on the returned queue, GONE if its client left."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -205,30 +232,35 @@ def create_app(
             raise HTTPException(503, str(e)) from None
         except ValueError as e:  # the engine's own check (server checks should have caught it)
             raise BadRequest(str(e)) from None
-        watch.on_end(lambda: leave(gen, events))  # at once if the client left while it was prepared
+        watch.on_end(lambda: leave(gen, events, engine))  # at once if the client left while it was prepared
         return events
 
     def deadline(arrived: float) -> float | None:
         return None if request_timeout_s is None else arrived + request_timeout_s
 
-    def weights_dict(w) -> dict[str, float]:
+    def weights_dict(w, experts: list[str]) -> dict[str, float]:
         return {name: round(float(x), 6) for name, x in zip(experts, w.tolist())}
 
     async def complete(req: Sampling, http: Request, chat: bool):
         """Prepare `req` in a worker thread (tokenising a long prompt must not stall the loop), then run it."""
+        engine = engine_for(req.model)
+        http.scope[MODEL_KEY] = req.model  # the answers-by-status metric's label
+        experts = experts_of[req.model]
         gen, n_prompt = await anyio.to_thread.run_sync(
-            prepare, req, engine.tokenizer, experts, model_name, engine.context_length
+            prepare, req, engine.tokenizer, experts, req.model, engine.context_length
         )
         ext = req.xlora or XLoraExtension()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created, arrived = int(time.time()), time.monotonic()
-        queue = submit(gen, http.scope[WATCH_KEY])  # 429 before any byte
-        events = metrics.timed(until_last(queue, deadline(arrived), lambda: engine.cancel(gen)), arrived)
+        queue = submit(gen, http.scope[WATCH_KEY], engine)  # 429 before any byte
+        events = metrics.timed(until_last(queue, deadline(arrived), lambda: engine.cancel(gen)), arrived, req.model)
         if not req.stream:
-            return await collect(events, req, ext, rid, created, n_prompt, chat)
-        return StreamingResponse(sse(events, req, ext, rid, created, n_prompt, chat), media_type="text/event-stream")
+            return await collect(events, req, ext, rid, created, n_prompt, chat, engine)
+        stream = sse(events, req, ext, rid, created, n_prompt, chat, engine)
+        return StreamingResponse(stream, media_type="text/event-stream")
 
-    async def collect(events, req, ext, rid, created, n_prompt, chat):
+    async def collect(events, req, ext, rid, created, n_prompt, chat, engine: Engine):
+        experts = experts_of[req.model]
         text, tokens, per_token, reason = "", 0, [], "length"
         async for ev in events:
             if ev is GONE:
@@ -259,22 +291,23 @@ def create_app(
             "usage": {"prompt_tokens": n_prompt, "completion_tokens": tokens, "total_tokens": n_prompt + tokens},
         }
         if ext.return_scalings:
-            body["xlora"] = scalings_report(ext.return_scalings, per_token)
+            body["xlora"] = scalings_report(ext.return_scalings, per_token, experts)
         return body
 
-    def scalings_report(mode: str, per_token: list) -> dict[str, Any]:
+    def scalings_report(mode: str, per_token: list, experts: list[str]) -> dict[str, Any]:
         report: dict[str, Any] = {"experts": experts}
         if mode == "tokens":
-            report["tokens"] = [{"token": t, "weights": weights_dict(w)} for t, w in per_token]
+            report["tokens"] = [{"token": t, "weights": weights_dict(w, experts)} for t, w in per_token]
         else:
             import torch
 
             mean = torch.stack([w for _, w in per_token]).mean(0) if per_token else torch.zeros(len(experts))
-            report["summary"] = weights_dict(mean)
+            report["summary"] = weights_dict(mean, experts)
         return report
 
-    async def sse(events, req, ext, rid, created, n_prompt, chat) -> AsyncIterator[str]:
+    async def sse(events, req, ext, rid, created, n_prompt, chat, engine: Engine) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
+        experts = experts_of[req.model]
 
         def chunk(delta_text: str | None, reason: str | None, extra: dict | None = None, role: bool = False) -> str:
             if chat:
@@ -305,7 +338,7 @@ def create_app(
                 if ev[3] is not None:
                     per_token.append((engine.tokenizer.decode([ev[1]]), ev[3]))
                     if ext.return_scalings == "tokens":
-                        extra = {"xlora": {"token": per_token[-1][0], "weights": weights_dict(ev[3])}}
+                        extra = {"xlora": {"token": per_token[-1][0], "weights": weights_dict(ev[3], experts)}}
                 if ev[2] or extra:
                     yield chunk(ev[2], None, extra)
             elif ev[0] == "text" and ev[1]:
@@ -315,7 +348,7 @@ def create_app(
                     "usage": {"prompt_tokens": n_prompt, "completion_tokens": tokens, "total_tokens": n_prompt + tokens}
                 }
                 if ext.return_scalings:
-                    extra["xlora"] = scalings_report(ext.return_scalings, per_token)
+                    extra["xlora"] = scalings_report(ext.return_scalings, per_token, experts)
                 yield chunk(None, ev[1], extra)
         yield "data: [DONE]\n\n"
 

@@ -15,6 +15,7 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
 # Bounds of the body cap: under 1 KiB ordinary requests are refused, over 1 GiB one request can
 # make the server hold a gigabyte.
 MIN_BODY_BYTES, MAX_BODY_BYTES = 1 << 10, 1 << 30
+MODEL_KEY = "xlora.model"  # the scope key of the model id a request asked for (metrics labels)
 WATCH_KEY = "xlora.watch"  # the scope key of a request's RequestWatch
 CLIENT_GONE = 499  # the status of an answer nobody is left to read (nginx's "client closed request")
 GONE = ("gone",)  # the event that ends a request's events when its client has left
