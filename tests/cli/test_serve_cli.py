@@ -139,3 +139,18 @@ def test_several_checkpoints_share_one_base(tiny_checkpoint, monkeypatch):
         app, [*common, "--checkpoint", str(checkpoint), "--checkpoint", f"b={checkpoint}", "--model-name", "x"]
     )
     assert named.exit_code == 2 and "--model-name: only with one --checkpoint" in named.output
+
+
+def test_a_weak_or_unreadable_admin_token_is_refused_before_loading(tiny_checkpoint, tmp_path, monkeypatch):
+    base_dir, checkpoint = tiny_checkpoint
+    monkeypatch.setattr("xlora.bases.loading.load_base", lambda *a, **k: pytest.fail("loaded a model"))
+    short = tmp_path / "token"
+    short.write_text("abc\n")
+    common = ["serve", "--checkpoint", str(checkpoint), "--base", str(base_dir)]
+    r = runner.invoke(app, [*common, "--admin-token-file", str(short)])
+    assert r.exit_code == 2 and "--admin-token-file" in r.output and "at least 16 printable characters" in r.output
+    r = runner.invoke(app, [*common, "--admin-token-file", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "cannot read it" in r.output
+    monkeypatch.setenv("XLORA_ADMIN_TOKEN", "short")
+    r = runner.invoke(app, common)
+    assert r.exit_code == 2 and "$XLORA_ADMIN_TOKEN" in r.output

@@ -93,6 +93,28 @@ def check_serve_options(
     check_listen_address(host, port)
 
 
+def admin_token(path: Path | None) -> str | None:
+    """The admin routes' bearer token: the file's content (stripped), else $XLORA_ADMIN_TOKEN, else None (off)."""
+    import os
+
+    from xlora.serve.admin import check_token
+
+    if path is not None:
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"serve: --admin-token-file {path}: cannot read it ({e})") from None
+    else:
+        token = os.environ.get("XLORA_ADMIN_TOKEN") or None
+    if token is not None:
+        try:
+            check_token(token)
+        except ValueError as e:
+            source = f"--admin-token-file {path}" if path is not None else "$XLORA_ADMIN_TOKEN"
+            raise ValueError(f"serve: {source}: {e}") from None
+    return token
+
+
 def parse_mixtures(items: list[str], model_name: str | None) -> dict[str, Path]:
     """{model id: checkpoint dir} from `--checkpoint DIR` (id: --model-name or the folder name) or
     repeated `--checkpoint NAME=DIR`; ids must be distinct, --model-name only with one checkpoint."""
@@ -137,6 +159,10 @@ def serve(
     request_timeout_s: Annotated[
         float | None, typer.Option(help="Longest a request may take, arrival to last token, else 504 (seconds).")
     ] = None,
+    admin_token_file: Annotated[
+        Path | None,
+        typer.Option(help="A file holding the bearer token of the admin routes (else $XLORA_ADMIN_TOKEN; none: off)."),
+    ] = None,
     shutdown_grace_s: Annotated[
         float, typer.Option(help="On Ctrl-C / SIGTERM, how long running requests may finish (seconds).")
     ] = 10.0,
@@ -153,6 +179,7 @@ def serve(
     from xlora.serve.engine import Engine
 
     mixtures = parse_mixtures(checkpoint, model_name)  # {model id: checkpoint dir}
+    token = admin_token(admin_token_file)
     for name in mixtures:
         check_serve_options(
             host, port, max_batch, max_queue, batch_wait_ms, reuse_scalings_after, name, max_body_bytes, dtype,
@@ -164,11 +191,11 @@ def serve(
     model_base, tokenizer = load_base(base, device=device, dtype=dtype, quantization=quantize)
     from xlora.bases.sharing import shared_copy
 
-    bases = [model_base] + [shared_copy(model_base) for _ in range(len(mixtures) - 1)]  # one set of base weights
-    engines = {}
-    for (name, path), each in zip(mixtures.items(), bases):
-        model = XLoraModel.from_pretrained(each, path)
-        engines[name] = Engine(
+    pristine = shared_copy(model_base)  # never wrapped: mixtures loaded later copy it (the same weights)
+
+    def load(path: Path, each=None) -> Engine:
+        model = XLoraModel.from_pretrained(each if each is not None else shared_copy(pristine), checkpoint_path(path))
+        return Engine(
             model,
             tokenizer,
             max_batch=max_batch,
@@ -176,8 +203,15 @@ def serve(
             reuse_scalings_after=reuse_scalings_after,
             batch_wait_ms=batch_wait_ms,
         )
-        out.print(f"serving {name} ({', '.join(model.expert_names)}) on http://{host}:{port}/v1", highlight=False)
-    app_ = create_app(engines, max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s)
+
+    engines = {}
+    for index, (name, path) in enumerate(mixtures.items()):
+        engines[name] = load(path, model_base if index == 0 else None)  # one set of base weights
+        experts = ", ".join(engines[name].model.expert_names)
+        out.print(f"serving {name} ({experts}) on http://{host}:{port}/v1", highlight=False)
+    app_ = create_app(
+        engines, max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s, admin_token=token, loader=load
+    )
     # on SIGTERM / Ctrl-C uvicorn stops accepting, lets running requests finish for the grace period,
     # then cancels the rest (their rows leave the batch); the engine then stops (app lifespan)
     uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_grace_s)

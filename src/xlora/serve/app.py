@@ -36,6 +36,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xlora.core.checks import check_number
+from xlora.serve.admin import Loader, add_admin_routes, check_token
 from xlora.serve.checks import (
     BadRequest,
     ChatRequest,
@@ -109,6 +110,8 @@ def create_app(
     model_name: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     request_timeout_s: float | None = None,
+    admin_token: str | None = None,
+    loader: Loader | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `engine` under the model id `model_name`, or several mixtures:
     `engine` a mapping {model id: Engine} (each request's `model` picks one; `/v1/models` lists all).
@@ -124,16 +127,22 @@ def create_app(
     `request_timeout_s` bounds a request from its arrival to its last token: past it the request
     leaves the engine and the client gets 504 (a stream: an error event); None waits as long as it takes.
     A request that arrives while the engine shuts down gets 503 with Retry-After.
+    `admin_token` with `loader` (a checkpoint folder -> Engine) adds the routes that load and unload
+    mixtures at runtime (`xlora.serve.admin`); without a token there are none.
     Bad arguments raise at once: `check_app_options` here, `check_engine_options` in the Engine.
     """
     engines = as_engines(engine, model_name)
     for name in engines:
         check_app_options(name, max_body_bytes, request_timeout_s=request_timeout_s)
+    if admin_token is not None:
+        check_token(admin_token)
+        if not callable(loader):
+            raise TypeError("create_app: loader: the admin routes need a loader (checkpoint folder -> Engine)")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
-        for each in engines.values():
+        for each in list(engines.values()):
             each.shutdown()
 
     app = FastAPI(title="xlora", version=package_version("xlora"), lifespan=lifespan)
@@ -207,6 +216,20 @@ def create_app(
             ],
         }
 
+    if admin_token is not None:
+
+        def added(name: str, engine: Engine) -> None:
+            experts_of[name], base_info[name] = engine.model.expert_names, describe_base(engine.model.base)
+            metrics.add(name, engine)
+
+        def removed(name: str) -> None:
+            experts_of.pop(name, None), base_info.pop(name, None)
+            metrics.remove(name)
+
+        add_admin_routes(
+            app, engines, added, removed, admin_token, loader, lambda n: check_app_options(n, max_body_bytes)
+        )
+
     def engine_for(model: str) -> Engine:
         if model not in engines:
             served = ", ".join(repr(n) for n in engines)
@@ -255,12 +278,11 @@ def create_app(
         queue = submit(gen, http.scope[WATCH_KEY], engine)  # 429 before any byte
         events = metrics.timed(until_last(queue, deadline(arrived), lambda: engine.cancel(gen)), arrived, req.model)
         if not req.stream:
-            return await collect(events, req, ext, rid, created, n_prompt, chat, engine)
-        stream = sse(events, req, ext, rid, created, n_prompt, chat, engine)
+            return await collect(events, req, ext, rid, created, n_prompt, chat, engine, experts)
+        stream = sse(events, req, ext, rid, created, n_prompt, chat, engine, experts)
         return StreamingResponse(stream, media_type="text/event-stream")
 
-    async def collect(events, req, ext, rid, created, n_prompt, chat, engine: Engine):
-        experts = experts_of[req.model]
+    async def collect(events, req, ext, rid, created, n_prompt, chat, engine: Engine, experts: list[str]):
         text, tokens, per_token, reason = "", 0, [], "length"
         async for ev in events:
             if ev is GONE:
@@ -305,9 +327,10 @@ def create_app(
             report["summary"] = weights_dict(mean, experts)
         return report
 
-    async def sse(events, req, ext, rid, created, n_prompt, chat, engine: Engine) -> AsyncIterator[str]:
+    async def sse(
+        events, req, ext, rid, created, n_prompt, chat, engine: Engine, experts: list[str]
+    ) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
-        experts = experts_of[req.model]
 
         def chunk(delta_text: str | None, reason: str | None, extra: dict | None = None, role: bool = False) -> str:
             if chat:

@@ -25,9 +25,11 @@ class ServerMetrics:
     def __init__(self, engines: Mapping[str, Any]) -> None:
         self.registry = CollectorRegistry()
         labels = ["model"]
-        queue = Gauge("xlora_queue_depth", "Requests waiting for a batch", labels, registry=self.registry)
-        rows = Gauge("xlora_running_rows", "Rows of the running batch still decoding", labels, registry=self.registry)
-        step_rows = Histogram(
+        self.queue = Gauge("xlora_queue_depth", "Requests waiting for a batch", labels, registry=self.registry)
+        self.rows = Gauge(
+            "xlora_running_rows", "Rows of the running batch still decoding", labels, registry=self.registry
+        )
+        self.step_rows = Histogram(
             "xlora_step_rows", "Rows decoded per step", labels, buckets=ROW_BUCKETS, registry=self.registry
         )
         self.ttft = Histogram(
@@ -49,9 +51,21 @@ class ServerMetrics:
             "xlora_requests", "Answers by HTTP status code", ["model", "status"], registry=self.registry
         )
         for name, engine in engines.items():
-            queue.labels(name).set_function(lambda e=engine: len(e.waiting))
-            rows.labels(name).set_function(lambda e=engine: e.busy_rows)
-            engine.on_step = step_rows.labels(name).observe
+            self.add(name, engine)
+
+    def add(self, name: str, engine: Any) -> None:
+        """Report `engine`'s queue, rows and steps under the model id `name`."""
+        self.queue.labels(name).set_function(lambda: len(engine.waiting))
+        self.rows.labels(name).set_function(lambda: engine.busy_rows)
+        engine.on_step = self.step_rows.labels(name).observe
+
+    def remove(self, name: str) -> None:
+        """Stop reporting the gauges of an unloaded mixture (its counters and histograms stay)."""
+        for gauge in (self.queue, self.rows):
+            try:
+                gauge.remove(name)
+            except KeyError:
+                pass
 
     async def timed(self, events: AsyncIterator[Any], arrived: float, model: str) -> AsyncIterator[Any]:
         """`events` unchanged, observing the first token's delay and the gaps between tokens."""
