@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from test_server import NAME, build_model
@@ -32,7 +34,11 @@ def test_metrics_count_what_was_served(tiny):
             assert r.status_code == 200
             used.append(r.json()["usage"]["completion_tokens"])
         assert http.post("/v1/completions", json={"model": NAME, "prompt": ""}).status_code == 400
-        got = scrape(http)
+        for _ in range(100):  # the engine thread marks its rows done just after sending the last event
+            got = scrape(http)
+            if got[("xlora_running_rows", (("model", NAME),))] == 0:
+                break
+            time.sleep(0.02)
     label = (("model", NAME),)
     tokens = sum(used)
     assert got[("xlora_generated_tokens_total", label)] == tokens

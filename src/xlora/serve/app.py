@@ -31,9 +31,7 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xlora.core.checks import check_number
 from xlora.serve.admin import Loader, add_admin_routes, check_token
@@ -48,6 +46,7 @@ from xlora.serve.checks import (
 )
 from xlora.serve.engine import SHUTDOWN_MESSAGE, Engine, QueueFull, ShuttingDown
 from xlora.serve.engine import Request as GenRequest
+from xlora.serve.errors import install_error_handlers
 from xlora.serve.http import (
     CLIENT_GONE,
     DEFAULT_MAX_BODY_BYTES,
@@ -55,15 +54,11 @@ from xlora.serve.http import (
     MAX_BODY_BYTES,
     MIN_BODY_BYTES,
     MODEL_KEY,
-    RETRY_AFTER_S,
     WATCH_KEY,
     BodyLimit,
     DisconnectWatch,
     RequestWatch,
-    body_problem,
     error_response,
-    field_problem,
-    unparsable_body,
 )
 from xlora.serve.metrics import ServerMetrics, StatusCount
 
@@ -152,33 +147,7 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)  # added last, so it runs first
     experts_of = {name: e.model.expert_names for name, e in engines.items()}
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException):
-        kind = {404: "not_found_error", 429: "rate_limit_error"}.get(exc.status_code, "invalid_request_error")
-        response = error_response(exc.status_code, unparsable_body(exc) or str(exc.detail), kind)
-        if exc.status_code in (429, 503):  # back-pressure: a queue slot frees within about a batch's time
-            response.headers["Retry-After"] = str(RETRY_AFTER_S)
-        return response
-
-    @app.exception_handler(BadRequest)
-    async def bad_request(_: Request, exc: BadRequest):
-        if isinstance(exc, ModelNotFound):
-            return error_response(404, exc.message, "not_found_error", exc.param, "model_not_found")
-        return error_response(400, exc.message, param=exc.param)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(http: Request, exc: RequestValidationError):
-        errors = list(exc.errors())
-        whole = body_problem(errors, http.headers.get("content-type"))
-        if whole is not None:
-            return error_response(400, whole)
-        problems = [field_problem(e) for e in errors]
-        message = "; ".join(m for m, _ in problems) or "invalid request"
-        return error_response(400, message, param=next((p for _, p in problems if p), None))
-
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception):
-        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+    install_error_handlers(app)
 
     @app.get("/metrics")
     async def prometheus_metrics():
