@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from fastapi.testclient import TestClient
 from test_server import NAME, build_model
 
@@ -54,3 +55,47 @@ def test_shutdown_refuses_new_requests_and_ends_waiting_ones(tiny):
     with TestClient(create_app(engine, NAME)) as http:
         r = http.post("/v1/completions", json={"model": NAME, "prompt": "w1", "max_tokens": 2})
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+
+def test_a_request_cancelled_while_its_batch_forms_never_kills_the_scheduler(tiny):
+    """Cancel removes a waiting request while the scheduler waits for more to join its batch."""
+    model, tok = build_model(tiny)
+    engine = Engine(model, tok, max_batch=4, batch_wait_ms=200)
+    for _ in range(3):
+        doomed = GenRequest(prompt_ids=[6], max_tokens=2)
+        engine.submit(doomed)
+        time.sleep(0.05)  # the scheduler now waits for more requests to join
+        engine.cancel(doomed)
+        time.sleep(0.3)
+    assert engine.thread.is_alive()
+    events: list = []
+    alive = GenRequest(prompt_ids=[6], max_tokens=2)
+    alive.emit = events.append
+    engine.submit(alive)
+    for _ in range(200):
+        if events and events[-1][0] == "end":
+            break
+        time.sleep(0.02)
+    assert events and events[-1][0] == "end"  # the next request is still answered
+    engine.shutdown()
+
+
+def test_the_engine_checks_its_arguments_and_each_request(tiny):
+    model, tok = build_model(tiny)
+    with pytest.raises(TypeError, match="Engine: model: expected an XLoraModel, got NoneType"):
+        Engine(None, tok)
+    with pytest.raises(TypeError, match="Engine: tokenizer: expected a transformers tokenizer, got NoneType"):
+        Engine(model, None)
+    engine = Engine(model, tok)
+    with pytest.raises(TypeError, match="Engine.submit: expected an xlora.serve.engine.Request, got str"):
+        engine.submit("hi")
+    for bad, message in (
+        (dict(prompt_ids=[1.5]), "token id 1.5 is not an integer"),
+        (dict(prompt_ids=[99999]), "token id 99999 is not an integer in 0..127"),
+        (dict(prompt_ids=[5] * 500, max_tokens=100), "500 prompt tokens \\+ max_tokens 100 exceed the context of 512"),
+        (dict(max_tokens="3"), "max_tokens must be an integer >= 1, got '3'"),
+        (dict(temperature="hot"), "temperature must be a finite number >= 0, got 'hot'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            engine.submit(GenRequest(**{"prompt_ids": [5], "max_tokens": 2, **bad}))
+    engine.shutdown()

@@ -51,8 +51,7 @@ def test_metrics_count_what_was_served(tiny):
 
 
 def test_two_apps_in_one_process_keep_their_own_metrics(tiny):
-    model, tok = build_model(tiny)
-    apps = [create_app(Engine(model, tok), name) for name in ("one", "two")]  # no duplicate-registration error
+    apps = [create_app(Engine(*build_model(tiny)), name) for name in ("one", "two")]  # no duplicate registration
     with TestClient(apps[0]) as a, TestClient(apps[1]) as b:
         a.post("/v1/completions", json={"model": "one", "prompt": "w1", "max_tokens": 2})
         assert ("xlora_requests_total", (("model", "one"), ("status", "200"))) in scrape(a)

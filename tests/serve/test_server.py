@@ -178,8 +178,8 @@ def test_errors(served):
     assert raw.status_code == 400 and "messages" in raw.json()["error"]["message"]
 
 
-def test_queue_bound_gives_429(tiny, served):
-    _, model, tok, _ = served
+def test_queue_bound_gives_429(tiny):
+    model, tok = build_model(tiny)  # its own model: the served one has its engine
     engine = Engine(model, tok, max_batch=1, max_queue=1)
     time.sleep(0.2)  # the scheduler sleeps on its condition until a notify
     from xlora.serve.engine import Request

@@ -24,7 +24,7 @@ import torch
 
 from xlora.core.checks import check_number
 from xlora.core.config import MAX_GLOBAL_SCALING_WEIGHT  # the library's bound, one rule for both
-from xlora.core.generation import SamplingOptions, iter_generate
+from xlora.core.generation import SamplingOptions, iter_generate, vocab_size
 from xlora.core.generation import context_length as model_context
 from xlora.core.model import XLoraModel
 
@@ -72,17 +72,31 @@ class Request:
     want_scalings: bool = False  # compute per-token expert weights for this request
     cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def problem(self, experts: list[str]) -> str | None:
+    def problem(self, experts: list[str], vocab: int | None = None, context: int | None = None) -> str | None:
         """Why this request cannot run, or None. Checked at `submit`: a bad row would fail its whole batch."""
         m = self.mixture
-        if not self.prompt_ids:
+
+        def number(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def integer(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not isinstance(self.prompt_ids, list) or not self.prompt_ids:
             return "the prompt has no tokens"
-        if self.max_tokens < 1:
-            return "max_tokens must be >= 1"
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            return "temperature must be a finite number >= 0"
-        if not (0 < self.top_p <= 1):
-            return "top_p must be in (0, 1]"
+        if not all(integer(t) and t >= 0 and (vocab is None or t < vocab) for t in self.prompt_ids):
+            bad = next(t for t in self.prompt_ids if not (integer(t) and t >= 0 and (vocab is None or t < vocab)))
+            return f"prompt_ids: token id {bad!r} is not an integer in 0..{(vocab or 0) - 1 if vocab else 'vocab'}"
+        if not integer(self.max_tokens) or self.max_tokens < 1:
+            return f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"
+        if context is not None and len(self.prompt_ids) + self.max_tokens > context:
+            return (
+                f"{len(self.prompt_ids)} prompt tokens + max_tokens {self.max_tokens} exceed the context of {context}"
+            )
+        if not (number(self.temperature) and self.temperature >= 0):
+            return f"temperature must be a finite number >= 0, got {self.temperature!r}"
+        if not (number(self.top_p) and 0 < self.top_p <= 1):
+            return f"top_p must be a number in (0, 1], got {self.top_p!r}"
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             return f"seed must be in [{SEED_MIN}, {SEED_MAX}]"
         w = m.global_scaling_weight
@@ -169,6 +183,10 @@ class Engine:
         batch_wait_ms: float = 20.0,
         context_length: int | None = None,
     ) -> None:
+        if not isinstance(model, XLoraModel):
+            raise TypeError(f"Engine: model: expected an XLoraModel, got {type(model).__name__}")
+        if not callable(getattr(tokenizer, "decode", None)) or not hasattr(tokenizer, "eos_token_id"):
+            raise TypeError(f"Engine: tokenizer: expected a transformers tokenizer, got {type(tokenizer).__name__}")
         known = model_context(model)
         check_engine_options(max_batch, max_queue, batch_wait_ms, reuse_scalings_after, context_length, known)
         self.model, self.tokenizer = model, tokenizer
@@ -189,6 +207,9 @@ class Engine:
         # them all (the HTTP server hands this to its event loop: one wake-up per step, not per row).
         self.dispatch: Callable[[Callable[[], None]], None] = lambda fn: fn()
         self.on_step: Callable[[int], None] = lambda rows: None  # rows decoded by each step (metrics)
+        # a batch sets the model's per-request options (top-k, global weight, masks): two engines over
+        # one model take turns, so one's settings never reach the other's rows
+        self.model_lock = model.__dict__.setdefault("_xlora_decode_lock", threading.Lock())
         self.thread = threading.Thread(target=self._run, name="xlora-engine", daemon=True)
         self.thread.start()
 
@@ -203,7 +224,9 @@ class Engine:
 
     def submit(self, request: Request) -> Request:
         """Queue `request`; ValueError if it cannot run (see `Request.problem`), QueueFull at the bound."""
-        problem = request.problem(self.model.expert_names)
+        if not isinstance(request, Request):
+            raise TypeError(f"Engine.submit: expected an xlora.serve.engine.Request, got {type(request).__name__}")
+        problem = request.problem(self.model.expert_names, vocab_size(self.model.base), self.context_length)
         if problem is not None:
             raise ValueError(problem)
         with self.cond:
@@ -226,18 +249,25 @@ class Engine:
                     del self.waiting[i]
                     break
 
-    def shutdown(self, grace_s: float = 10.0) -> None:
-        """Stop: new requests are refused (ShuttingDown), waiting ones end at once with an error event,
-        the running batch may finish within `grace_s`; rows still decoding then end with an error too."""
+    def begin_shutdown(self, grace_s: float = 10.0) -> None:
+        """Start stopping without waiting: new requests are refused (ShuttingDown), waiting ones end
+        at once with an error event, and rows still decoding after `grace_s` end with an error too."""
         with self.cond:
             self.stopping = True
             waiting, self.waiting = list(self.waiting), deque()
             self.cond.notify()
         self._send([(r, ("error", SHUTDOWN_MESSAGE)) for r in waiting])
-        self.thread.join(timeout=grace_s)
-        if self.thread.is_alive():  # the batch outlived the grace period: its rows leave at the next step
-            self.abandon = True
-            self.thread.join(timeout=10)
+        timer = threading.Timer(grace_s, self._abandon)
+        timer.daemon = True
+        timer.start()
+
+    def _abandon(self) -> None:
+        self.abandon = True  # the running batch outlived the grace period: its rows leave at the next step
+
+    def shutdown(self, grace_s: float = 10.0) -> None:
+        """`begin_shutdown`, then wait for the scheduler thread to end (the grace period plus a step)."""
+        self.begin_shutdown(grace_s)
+        self.thread.join(timeout=grace_s + 10)
 
     # ------------------------------------------------------------------ scheduler
 
@@ -251,7 +281,10 @@ class Engine:
             if self.stopping:
                 return []
             start = time.monotonic()
+            compatible: list[Request] = []
             while not self.stopping:
+                if not self.waiting:  # every waiting request was cancelled while the batch formed
+                    return []
                 first = self.waiting[0]
                 compatible = [r for r in self.waiting if r.mixture == first.mixture][: self.max_batch]
                 now = time.monotonic()
@@ -265,14 +298,21 @@ class Engine:
 
     def _run(self) -> None:
         while True:
-            batch = self._next_batch()
+            try:
+                batch = self._next_batch()
+            except Exception as e:  # noqa: BLE001 - the scheduler must never die: every later request would hang
+                with self.cond:
+                    lost, self.waiting = list(self.waiting), deque()
+                self._send([(r, ("error", f"scheduling failed: {e}")) for r in lost])
+                continue
             if self.stopping:
                 return
             if not batch:
                 continue
             self.busy_rows = len(batch)
             try:
-                self._decode(batch)
+                with self.model_lock:
+                    self._decode(batch)
             except Exception as e:  # noqa: BLE001 - a failed batch must not kill the server
                 self._send([(r, ("error", f"generation failed: {e}")) for r in batch])
             finally:
