@@ -78,12 +78,12 @@ def test_the_options_reach_the_engine_and_the_app(tiny_checkpoint, monkeypatch):
             super().__init__(*args, **kwargs)
             made["engine"] = self
 
-    def run(app_, host: str, port: int, **kwargs) -> None:
-        made["app"], made["address"], made["uvicorn"] = app_, (host, port), kwargs
+    def run(app_, engines, host: str, port: int, grace_s: float) -> None:
+        made["app"], made["address"], made["grace"] = app_, (host, port), grace_s
         made["engine"].shutdown()
 
     monkeypatch.setattr("xlora.serve.engine.Engine", SpyEngine)
-    monkeypatch.setattr("uvicorn.run", run)
+    monkeypatch.setattr("xlora.cli.serve.run_until_signal", run)
     with socket.socket() as probe:  # a free port: the CLI checks that it can listen there
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -96,7 +96,7 @@ def test_the_options_reach_the_engine_and_the_app(tiny_checkpoint, monkeypatch):
     assert (engine.max_batch, engine.max_queue, engine.reuse_scalings_after) == (3, 5, 2)
     assert engine.batch_wait_s == pytest.approx(0.0075)
     assert made["address"] == ("127.0.0.1", port) and "serving mine (" in result.output
-    assert made["uvicorn"]["timeout_graceful_shutdown"] == 4
+    assert made["grace"] == 4
     with TestClient(made["app"]) as http:
         assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["mine"]
 
@@ -111,13 +111,13 @@ def test_several_checkpoints_share_one_base(tiny_checkpoint, monkeypatch):
             super().__init__(*args, **kwargs)
             made["engines"].append(self)
 
-    def run(app_, **kwargs) -> None:
+    def run(app_, *args) -> None:
         made["app"] = app_
         for engine in made["engines"]:
             engine.shutdown()
 
     monkeypatch.setattr("xlora.serve.engine.Engine", SpyEngine)
-    monkeypatch.setattr("uvicorn.run", run)
+    monkeypatch.setattr("xlora.cli.serve.run_until_signal", run)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -154,3 +154,59 @@ def test_a_weak_or_unreadable_admin_token_is_refused_before_loading(tiny_checkpo
     monkeypatch.setenv("XLORA_ADMIN_TOKEN", "short")
     r = runner.invoke(app, common)
     assert r.exit_code == 2 and "$XLORA_ADMIN_TOKEN" in r.output
+
+
+def test_sigterm_answers_every_request_in_openai_shape(tiny_checkpoint, tmp_path):
+    """A real server, a running and a queued request, then SIGTERM: both end with an answer or the
+    shutdown error (503 JSON), the server exits in about the grace period, and no traceback is logged."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import httpx
+
+    base_dir, checkpoint = tiny_checkpoint
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ["serve", "--checkpoint", f"m={checkpoint}", "--base", str(base_dir), "--port", str(port)]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "xlora.cli", *args, "--max-batch", "1", "--shutdown-grace-s", "0.3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        answers: list = []
+
+        def ask():
+            body = {"model": "m", "prompt": "w1", "max_tokens": 400, "temperature": 0}
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30)
+            answers.append((r.status_code, r.headers.get("content-type", ""), r.text))
+
+        clients = [threading.Thread(target=ask) for _ in range(2)]
+        for c in clients:
+            c.start()
+            time.sleep(0.2)
+        server.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        for c in clients:
+            c.join(timeout=30)
+        server.wait(timeout=30)
+        assert time.monotonic() - t0 < 10
+    finally:
+        server.kill()
+    _, stderr = server.communicate()
+    assert len(answers) == 2 and "Traceback" not in stderr, stderr
+    for status, kind, text in answers:
+        assert status in (200, 503) and kind.startswith("application/json"), (status, text)
+        if status == 503:
+            assert "shut down" in json.loads(text)["error"]["message"]
+    assert any(status == 503 for status, _, _ in answers)  # the queued one at least

@@ -93,6 +93,22 @@ def check_serve_options(
     check_listen_address(host, port)
 
 
+def run_until_signal(app_, engines: dict, host: str, port: int, grace_s: float) -> None:
+    """uvicorn until SIGTERM / Ctrl-C. Then every engine starts stopping at once: waiting requests
+    get the shutdown error (503 / an error event), running ones may finish within `grace_s` and
+    then get it too; uvicorn waits a little longer than that so those answers reach their clients."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            for engine in list(engines.values()):
+                engine.begin_shutdown(grace_s)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s + 3)
+    Server(config).run()
+
+
 def admin_token(path: Path | None) -> str | None:
     """The admin routes' bearer token: the file's content (stripped), else $XLORA_ADMIN_TOKEN, else None (off)."""
     import os
@@ -170,7 +186,6 @@ def serve(
     quantize: QuantizeOption = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (FastAPI + uvicorn)."""
-    import uvicorn
 
     from xlora.bases.loading import load_base
     from xlora.core.model import XLoraModel
@@ -212,6 +227,4 @@ def serve(
     app_ = create_app(
         engines, max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s, admin_token=token, loader=load
     )
-    # on SIGTERM / Ctrl-C uvicorn stops accepting, lets running requests finish for the grace period,
-    # then cancels the rest (their rows leave the batch); the engine then stops (app lifespan)
-    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_grace_s)
+    run_until_signal(app_, engines, host, port, shutdown_grace_s)
