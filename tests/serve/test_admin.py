@@ -79,3 +79,27 @@ def test_admin_needs_a_real_token_and_a_loader(tiny_checkpoint):
     with TestClient(create_app(engine, "a")) as http:  # no token: no admin routes at all
         assert http.post("/admin/mixtures", json={"name": "b", "checkpoint": str(ck)}).status_code == 404
     engine.shutdown()
+
+
+def test_admin_checks_the_token_first_and_names_that_fit_a_url(served, tmp_path):
+    app, ck, _ = served
+    with TestClient(app) as http:
+        assert http.post("/admin/mixtures", json={"nam": "c"}).status_code == 401  # not a 400 naming the fields
+        bad = http.post("/admin/mixtures", json={"nam": "c"}, headers=AUTH)
+        assert bad.status_code == 400 and "admin: expected" in bad.json()["error"]["message"]
+        for name in ("x/y", "a\nb", "\u00e9\u202e", "a?b"):
+            r = http.post("/admin/mixtures", json={"name": name, "checkpoint": str(ck)}, headers=AUTH)
+            assert r.status_code == 400 and "printable characters" in r.json()["error"]["message"], (name, r.text)
+        assert http.get("/v1/models/a").json()["id"] == "a"  # OpenAI's retrieve route
+        assert http.get("/v1/models/zz").status_code == 404
+
+
+def test_one_engine_under_two_ids_is_refused(tiny_checkpoint):
+    base_dir, ck = tiny_checkpoint
+    add_tiny_tokenizer(base_dir)
+    engine = Engine(XLoraModel.from_pretrained(load_base(base_dir), ck), AutoTokenizer.from_pretrained(base_dir))
+    with pytest.raises(ValueError, match="one Engine is mapped under two model ids"):
+        create_app({"a": engine, "b": engine})
+    with pytest.raises(ValueError, match="the mapping of model ids to engines is empty"):
+        create_app({})
+    engine.shutdown()

@@ -143,6 +143,13 @@ def parse_mixtures(items: list[str], model_name: str | None) -> dict[str, Path]:
             name, sep, folder = "", "", item
         if not sep:  # a plain folder: named by --model-name, else by the folder itself
             folder = item
+        elif not folder.strip():
+            raise ValueError(f"serve: --checkpoint {item!r}: no folder after '=' (NAME=DIR)")
+        else:
+            from xlora.serve.app import check_app_options
+
+            label = f"--checkpoint {item!r}: the model id"
+            check_app_options(name, 1 << 20, where="serve", name=lambda _, label=label: label)
         path = checkpoint_path(Path(folder))
         if not sep:
             name = model_name if model_name is not None else path.resolve().name

@@ -74,8 +74,13 @@ def add_admin_routes(
             raise HTTPException(401, "admin: missing or wrong bearer token")
 
     @app.post("/admin/mixtures")
-    async def load_mixture(body: LoadRequest, http: Request) -> dict[str, Any]:
-        authorize(http)
+    async def load_mixture(http: Request) -> dict[str, Any]:
+        authorize(http)  # before the body is read: a client without the token learns nothing of it
+        try:
+            body = LoadRequest.model_validate(await http.json())
+        except ValueError as e:  # invalid JSON or fields (pydantic's ValidationError is a ValueError)
+            first = str(e).splitlines()
+            raise HTTPException(400, f'admin: expected {{"name": ..., "checkpoint": ...}}: {first[0]}') from None
         try:
             check_name(body.name)
         except ValueError as e:
@@ -86,6 +91,8 @@ def add_admin_routes(
             engine = await anyio.to_thread.run_sync(loader, Path(body.checkpoint))
         except (ValueError, OSError) as e:  # the loader's own one-line error; the others keep serving
             raise HTTPException(400, f"checkpoint {body.checkpoint}: {e}") from None
+        if any(engine is e for e in engines.values()):  # unloading one id would stop the other
+            raise HTTPException(409, "admin: the loader returned an engine that is already served")
         if body.name in engines:  # another load of that name finished first
             engine.shutdown()
             raise HTTPException(409, f"a mixture named {body.name!r} is already served; unload it first")

@@ -62,6 +62,8 @@ from xlora.serve.http import (
 )
 from xlora.serve.metrics import ServerMetrics, StatusCount
 
+MAX_NAME_CHARS = 200
+
 
 def check_app_options(
     model_name: object,
@@ -75,6 +77,11 @@ def check_app_options(
         raise ValueError(
             f"{where}: {name('model_name')}: expected a non-empty name without surrounding spaces, got {model_name!r}"
         )
+    if not model_name.isprintable() or any(c in model_name for c in "/\\?#%") or len(model_name) > MAX_NAME_CHARS:
+        raise ValueError(  # it appears in URLs (/admin/mixtures/{name}), logs and metrics labels
+            f"{where}: {name('model_name')}: expected at most {MAX_NAME_CHARS} printable characters without "
+            f"/ \\ ? # %, got {model_name!r}"
+        )
     check_number(where, name("max_body_bytes"), max_body_bytes, integer=True, low=MIN_BODY_BYTES, high=MAX_BODY_BYTES)
     check_number(where, name("request_timeout_s"), request_timeout_s, low=0, low_open=True, high=MAX_TIMEOUT_S,
                  optional=True)  # fmt: skip
@@ -87,16 +94,20 @@ def as_engines(engine: Engine | Mapping[str, Engine], model_name: str | None) ->
     """{model id: Engine}: one engine with its `model_name`, or a mapping of them (several mixtures)."""
     if isinstance(engine, Engine):
         return {model_name: engine}  # type: ignore[dict-item] - the name is checked by check_app_options
-    if not isinstance(engine, Mapping) or not engine:
+    if not isinstance(engine, Mapping):
         raise TypeError(
             f"create_app: engine: expected an xlora.serve.engine.Engine or a mapping of model ids to them, "
             f"got {type(engine).__name__}"
         )
+    if not engine:
+        raise ValueError("create_app: engine: the mapping of model ids to engines is empty")
     if model_name is not None:
         raise TypeError("create_app: model_name: not with a mapping of engines (its keys are the model ids)")
     wrong = [type(e).__name__ for e in engine.values() if not isinstance(e, Engine)]
     if wrong:
         raise TypeError(f"create_app: engine: every value must be an Engine, got {wrong[0]}")
+    if len({id(e) for e in engine.values()}) < len(engine):
+        raise ValueError("create_app: engine: one Engine is mapped under two model ids; give each its own")
     return dict(engine)
 
 
@@ -168,22 +179,24 @@ def create_app(
 
     base_info = {name: describe_base(e.model.base) for name, e in engines.items()}
 
+    def model_card(name: str) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "xlora",
+            "experts": experts_of[name],
+            "base": base_info[name],  # {"dtype", "quantization"} of the base model under the mixture
+        }
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):
+        engine_for(name)  # 404 naming the served ids
+        return model_card(name)
+
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "xlora",
-                    "experts": experts_of[name],
-                    "base": base_info[name],  # {"dtype", "quantization"} of the base model under the mixture
-                }
-                for name in engines
-            ],
-        }
+        return {"object": "list", "data": [model_card(name) for name in engines]}
 
     if admin_token is not None:
 
