@@ -312,6 +312,8 @@ def test_wrong_kinds_of_path_say_what_they_are(tiny_checkpoint, tmp_path):
     (odd / "xlora_config.json").mkdir()
     r = runner.invoke(app, ["info", str(odd)])
     assert r.exit_code == 2 and "xlora_config.json: is a directory or a special file" in r.output
+    r = runner.invoke(app, ["info", str(script)])
+    assert r.exit_code == 2 and "mk.py: is a file; expected an X-LoRA checkpoint or a PEFT adapter" in r.output
     r = runner.invoke(app, ["generate", "--base", "", "-p", "w1"])
     assert r.exit_code == 2 and "base: must not be empty" in r.output
     r = runner.invoke(app, ["plot-scalings", str(tmp_path / "nope.npz")])
@@ -338,3 +340,22 @@ def test_a_full_disk_names_the_destination(tiny_checkpoint, tmp_path, monkeypatc
     assert not list(tmp_path.iterdir())  # nothing half-written
     with pytest.raises(OSError, match=rf"{re.escape(str(tmp_path / 'saved'))}: cannot write it \(No space left"):
         model.save_pretrained(tmp_path / "saved")
+
+
+def test_a_full_disk_while_taking_the_lock_names_the_folder_and_leaves_no_lock(tiny_checkpoint, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import xlora.formats.locks as locks
+
+    base_dir, ck = tiny_checkpoint
+    model = XLoraModel.from_pretrained(load_base(base_dir), ck)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(locks.os, "pwrite", full)
+    with pytest.raises(OSError, match=rf"{re.escape(str(tmp_path))}: cannot write there \(No space left"):
+        model.save_pretrained(tmp_path / "sp")
+    monkeypatch.setattr(locks.os, "pwrite", os.pwrite)
+    assert not list(tmp_path.iterdir())  # no .sp.lock, nothing else

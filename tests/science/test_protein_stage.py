@@ -32,3 +32,11 @@ def test_protein_data_files_are_disjoint_and_usable(tmp_path):
         assert not train_prompts & {it.prompt for it in forward}
     again = runner.invoke(app, ["make-protein-data", "--out", str(out)])
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_protein_data_refuses_a_checkpoint_folder_and_counts_it_does_not_have(tiny_checkpoint, tmp_path):
+    r = runner.invoke(app, ["make-protein-data", "--out", str(tiny_checkpoint[1])])
+    assert r.exit_code == 2 and "is an X-LoRA checkpoint or an adapter folder" in r.output
+    assert not (tiny_checkpoint[1] / "protein-data.json").exists()
+    r = runner.invoke(app, ["make-protein-data", "--out", str(tmp_path / "p"), "--n-structure-train", "100000000"])
+    assert r.exit_code == 2 and "n_structure_train: 100000000 domains asked for, the homology split holds" in r.output

@@ -330,6 +330,8 @@ def make_protein_data(
 
     if n_structure_train < 1 or n_structure_test < 1:
         _fail("--n-structure-train, --n-structure-test: expected integers >= 1")
+    if any((out_dir / name).exists() for name in ("xlora_config.json", "adapter_config.json")):
+        _fail(f"--out {out_dir}: is an X-LoRA checkpoint or an adapter folder; write the data elsewhere")
     check_files_out(out_dir, list(FILES), overwrite, reads=[])
     record = write_protein_data(out_dir, seed, n_structure_train, n_structure_test)
     counts = ", ".join(f"{name} {n}" for name, n in record["counts"].items())

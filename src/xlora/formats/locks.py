@@ -5,6 +5,7 @@ second one fails at once naming the holder. The kernel drops the lock when its h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-from xlora.core.config import CheckpointError
+from xlora.core.config import CheckpointError, WriteError
 
 LOCK_SUFFIX = ".lock"
 
@@ -89,8 +90,14 @@ def hold_lock(lock_file: Path, busy: str) -> Iterator[None]:
     except BusyError as e:
         raise BusyError(f"{busy} ({e})") from None
     info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
+    except OSError as e:  # a full disk: say where, and leave no lock file behind
+        with contextlib.suppress(OSError):
+            os.unlink(lock_file)
+        os.close(fd)
+        raise WriteError(f"{Path(lock_file).parent}: cannot write there ({e.strerror or e})", e.errno) from None
     _HELD[key] = [1, fd]
     try:
         yield

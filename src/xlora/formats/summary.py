@@ -6,7 +6,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from xlora.core.config import read_json_object
+from xlora.core.config import CheckpointError, read_json_object
 from xlora.core.experts import _KEY_RE, ExpertError, read_expert
 from xlora.formats.checkpoint import detect_format, read_checkpoint
 from xlora.formats.native import CONFIG_NAME, check_classifier, checkpoint_file, read_native_config
@@ -15,6 +15,8 @@ from xlora.formats.native import CONFIG_NAME, check_classifier, checkpoint_file,
 def layout_of(path: Path) -> str | None:
     """'native' or 'peft' for an X-LoRA checkpoint, None for a plain PEFT adapter; errors of
     `detect_format` (a symlink out, a missing folder) are raised, as loading raises them."""
+    if path.is_file():
+        raise CheckpointError(f"{path}: is a file; expected an X-LoRA checkpoint or a PEFT adapter directory")
     native = checkpoint_file(path, CONFIG_NAME)
     adapter = checkpoint_file(path, "adapter_config.json", "adapter")
     if not native.exists() and not adapter.exists():

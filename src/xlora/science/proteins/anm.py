@@ -41,18 +41,25 @@ class Mechanics:
 
 def check_ca(ca: np.ndarray) -> np.ndarray:
     """The C-alpha coordinates as float64 [L, 3], with L >= 3 finite, distinct points."""
-    ca = np.asarray(ca, dtype=np.float64)
+    try:
+        ca = np.asarray(ca, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"C-alpha coordinates: expected numbers of shape [L, 3], got {type(ca).__name__}") from None
     if ca.ndim != 2 or ca.shape[1] != 3 or ca.shape[0] < 3:
         raise ValueError(f"C-alpha coordinates: expected shape [L >= 3, 3], got {list(ca.shape)}")
     if not np.isfinite(ca).all():
         raise ValueError("C-alpha coordinates: not all finite")
+    if np.abs(ca).max() > 1e6:  # Angstrom: squared distances would overflow, and no protein is a kilometre wide
+        raise ValueError(
+            f"C-alpha coordinates: expected Angstrom values (|x| <= 1e6), got up to {np.abs(ca).max():.3g}"
+        )
     return ca
 
 
 def hessian(ca: np.ndarray, cutoff: float = 15.0, gamma: float = 1.0) -> np.ndarray:
     """The ANM Hessian [3L, 3L] of a C-alpha trace [L, 3] with springs of constant `gamma` within `cutoff`."""
     ca = check_ca(ca)
-    if cutoff <= 0 or gamma <= 0:
+    if not (np.isfinite(cutoff) and np.isfinite(gamma)) or cutoff <= 0 or gamma <= 0:
         raise ValueError(f"ANM: expected cutoff > 0 and gamma > 0, got {cutoff}, {gamma}")
     n = ca.shape[0]
     d = ca[None, :, :] - ca[:, None, :]  # [L, L, 3], d[i, j] = ca[j] - ca[i]

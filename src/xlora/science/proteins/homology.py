@@ -34,6 +34,8 @@ MATCH, MISMATCH, GAP = 2, -1, -3
 
 def encode(seq: str) -> np.ndarray:
     """Residues -> codes 0..19, shape (L,); a clear error for anything outside the 20 amino acids."""
+    if not isinstance(seq, str):
+        raise ValueError(f"expected a protein sequence (a string of amino-acid letters), got {type(seq).__name__}")
     codes = CODE[np.frombuffer(seq.encode(), dtype=np.uint8)]
     if (codes < 0).any():
         raise ValueError(f"sequence has residues outside {ALPHABET}: {sorted(set(seq) - set(ALPHABET))}")

@@ -51,6 +51,9 @@ def dipeptides(seq: str) -> np.ndarray:
 
 def features(seqs: Sequence[str]) -> np.ndarray:
     """Sequence features, shape (n, 421): composition, dipeptide composition, log length."""
+    bad = next((s for s in seqs if not isinstance(s, str) or not s), None) if seqs is not None else None
+    if bad is not None:
+        raise ValueError(f"features: every sequence must be a non-empty string, got {bad!r}")
     rows = [np.concatenate([composition(s), dipeptides(s), [np.log(max(len(s), 1))]]) for s in seqs]
     return np.array(rows).reshape(len(seqs), N_AA + N_AA * N_AA + 1)
 
@@ -77,6 +80,8 @@ class SequenceRegressor:
         y = np.asarray(values, dtype=float)
         if len(seqs) == 0 or len(y) != len(seqs):
             raise ValueError(f"need one value per sequence, got {len(y)} values for {len(seqs)} sequences")
+        if not np.isfinite(y).all():
+            raise ValueError(f"values: {int((~np.isfinite(y)).sum())} are NaN or infinite; expected finite labels")
         y2 = y.reshape(len(seqs), -1)  # (n, t)
         x = features(seqs)
         self.mean_x, self.scale_x = x.mean(0), x.std(0) + 1e-8
@@ -128,6 +133,8 @@ def nearest_neighbour_predict(
 
 def mae(pred: Sequence[float], true: Sequence[float]) -> float:
     """Mean absolute error."""
+    if len(pred) != len(true) or len(pred) == 0:
+        raise ValueError(f"mae: expected two equally long, non-empty lists, got {len(pred)} and {len(true)}")
     return float(np.mean(np.abs(np.asarray(pred, dtype=float) - np.asarray(true, dtype=float))))
 
 

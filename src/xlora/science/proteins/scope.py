@@ -113,8 +113,14 @@ def load_domains(limit: int | None = None, classes: str = DEFAULT_CLASSES, path:
     unknown = set(classes) - set(SCOP_CLASSES)
     if unknown:
         raise ValueError(f"unknown SCOP classes {sorted(unknown)}: use letters of {''.join(SCOP_CLASSES)}")
-    with (path or resources_file(DSSP_FILE)).open() as f:
-        raw: dict[str, dict] = json.load(f)
+    source = path or resources_file(DSSP_FILE)
+    try:
+        with source.open(encoding="utf-8") as f:
+            raw: dict[str, dict] = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{source}: not the SCOPe DSSP JSON this reads ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a JSON object of domains, got {type(raw).__name__}")
     parsed = (parse_entry(k, v) for k, v in raw.items())
     kept = unique_by_sequence(d for d in parsed if d is not None and d.scop_class in classes)
     return kept if limit is None else kept[:limit]

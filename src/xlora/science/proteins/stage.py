@@ -53,8 +53,12 @@ def write_protein_data(out: Path, seed: int = 0, n_structure_train: int = 4000, 
     split = homology_split(
         domains, [d.sequence for d in domains], test_fraction=0.2, seed=seed, groups=[d.superfamily for d in domains]
     )
-    train = rng.sample(split.train, min(n_structure_train, len(split.train)))
-    test = rng.sample(split.test, min(n_structure_test, len(split.test)))
+    for name, wanted, pool in (("n_structure_train", n_structure_train, split.train),
+                               ("n_structure_test", n_structure_test, split.test)):  # fmt: skip
+        if wanted > len(pool):
+            raise ValueError(f"{name}: {wanted} domains asked for, the homology split holds {len(pool)}")
+    train = rng.sample(split.train, n_structure_train)
+    test = rng.sample(split.test, n_structure_test)
     out.mkdir(parents=True, exist_ok=True)
     parts = {
         f"{MECHANICS}-train.jsonl": [_chat(it) for d in (False, True) for it in mechanics_items(mech.train, d)],
