@@ -85,3 +85,14 @@ def test_the_server_routes_by_model(tiny):
         assert set(http.get("/health").json()["models"]) == {"a", "b"}
     with TestClient(create_app(reference, "a")) as http:
         assert http.post("/v1/completions", json={**body, "model": "a"}).json()["choices"][0]["text"] == got
+
+
+def test_shared_copy_refuses_what_it_cannot_copy(tiny):
+    import pytest
+
+    for wrong in (None, "base", torch.zeros(3)):
+        with pytest.raises(TypeError, match="shared_copy: base: expected a torch nn.Module"):
+            shared_copy(wrong)
+    a, _ = two_mixtures(tiny)
+    with pytest.raises(ValueError, match="already wrapped by a mixture"):
+        shared_copy(a.base)

@@ -20,6 +20,8 @@ def shared_copy(base: nn.Module) -> nn.Module:
 
     Call it on the plain base, before any mixture wraps it: a mixture replaces modules of the tree
     it is given, in place."""
+    if not isinstance(base, nn.Module):
+        raise TypeError(f"shared_copy: base: expected a torch nn.Module (a causal LM), got {type(base).__name__}")
     if any(type(m).__name__ == "XLoraLinear" for m in base.modules()):
         raise ValueError("shared_copy: this base is already wrapped by a mixture; copy the plain base first")
     memo: dict[int, object] = {}
