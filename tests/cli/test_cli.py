@@ -239,9 +239,10 @@ def test_training_device_and_max_length_are_checked(train_setup, tmp_path):
 
 def test_empty_prompt_is_refused_like_the_server(tok_base):
     base_dir, _ = tok_base
-    for prompt in ("", "  \n"):
-        line = one_error_line(runner.invoke(app, ["generate", "--base", str(base_dir), "-p", prompt]))
-        assert "--prompt: must not be empty" in line
+    line = one_error_line(runner.invoke(app, ["generate", "--base", str(base_dir), "-p", ""]))
+    assert "-p: must not be empty" in line  # the option as given
+    line = one_error_line(runner.invoke(app, ["generate", "--base", str(base_dir), "-p", "  \n"]))
+    assert "--prompt: must not be empty" in line
 
 
 @pytest.mark.parametrize(
@@ -296,3 +297,19 @@ def test_option_parsing_errors_are_one_line_too(args, message):
     """Typer's own errors (ranges, unknown options, missing arguments) look like every other error."""
     line = one_error_line(runner.invoke(app, args))
     assert message in line and line.endswith("--help)")
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["make-protein-data", "--out", ""], "--out"),
+        (["serve", "--checkpoint="], "--checkpoint"),
+        (["info", ""], "an argument"),
+        (["generate", "-p", "w1", "--checkpoint", ""], "--checkpoint"),
+    ],
+)
+def test_an_empty_value_is_refused_not_read_as_the_working_folder(args, named, tmp_path, monkeypatch):
+    """typer turns "" into Path("."): `--out ""` would write into the working directory."""
+    monkeypatch.chdir(tmp_path)
+    assert f"{named}: must not be empty" in one_error_line(runner.invoke(app, args))
+    assert not list(tmp_path.iterdir())

@@ -125,6 +125,21 @@ class GuardedCommand(TyperCommand):
         return super().format_help(ctx, formatter)
 
 
+def empty_option(args: list[str]) -> str | None:
+    """The first `--option` given an empty value (`--out ""` or `--out=`), else None. No option of
+    ours means anything by an empty string, and for a path typer would read it as the working folder."""
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return None
+        if arg.startswith("--") and arg.endswith("=") and len(arg) > 3:
+            return arg[:-1]
+        if arg == "":
+            after = args[i - 1] if i > 0 else ""
+            option = (after.startswith("--") and "=" not in after) or (len(after) == 2 and after[0] == "-")
+            return after if option else "an argument"
+    return None
+
+
 class GuardedGroup(TyperGroup):
     def format_help(self, ctx: Any, formatter: Any) -> None:
         _hide_flag_types(self, ctx)
@@ -140,6 +155,11 @@ class GuardedGroup(TyperGroup):
 
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        given = kwargs.get("args", args[0] if args else None)
+        empty = empty_option(sys.argv[1:] if given is None else list(given))
+        if empty is not None:  # typer turns "" into Path("."): the working directory, silently
+            print_error(f"{empty}: must not be empty")
+            sys.exit(EXIT_ERROR)
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except click_errors.UsageError as e:
