@@ -114,6 +114,9 @@ def check_image_keywords(names: Any, base: nn.Module | None = None, where: str =
     """Image inputs must be ones the base's forward takes: any other keyword (a typo such as
     `max_tokens=` or `pixel_valuez=`) is a TypeError, as in a plain function call, never silently
     swallowed by the model's `**kwargs`."""
+    names = list(names)
+    if not names:  # the usual text-only call: no signature inspection on every forward
+        return
     known = image_keywords(base)
     wrong = [n for n in names if not (n.startswith(_SHARED_PREFIXES) or n in _SHARED_NAMES)]
     if known:
